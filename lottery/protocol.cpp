@@ -207,18 +207,22 @@ bool BetCursor::next(Bet& out) {
   return true;
 }
 
-std::optional<Rejection> validate_batch(Bytes body, const ValidationContext& ctx, BatchInfo& out) {
-  if (body.size() < limits::batch_body_header_bytes)
-    return Rejection{Status::malformed_body, no_bet_index, "batch body shorter than its header"};
+bool read_batch_header(Bytes body, BatchInfo& out) {
+  if (body.size() < limits::batch_body_header_bytes) return false;
   out.agency = load_le<uint16_t>(body.data());
   out.count = load_le<uint16_t>(body.data() + 2);
-  if (out.agency < 1 || out.agency > ctx.agencies)
+  return true;
+}
+
+std::optional<Rejection> validate_batch_parts(uint16_t agency, uint16_t count, Bytes bets,
+                                              const ValidationContext& ctx) {
+  if (agency < 1 || agency > ctx.agencies)
     return Rejection{Status::invalid_agency, no_bet_index, "agency is not a known agency"};
-  if (out.count == 0) return Rejection{Status::malformed_body, no_bet_index, "batch holds no bets"};
-  if (out.count > limits::batch_bets_max)
+  if (count == 0) return Rejection{Status::malformed_body, no_bet_index, "batch holds no bets"};
+  if (count > limits::batch_bets_max)
     return Rejection{Status::too_many_bets, no_bet_index, "batch holds more than batch_bets_max bets"};
-  BetCursor cursor(body.subspan(limits::batch_body_header_bytes));
-  for (uint16_t i = 0; i < out.count; i++) {
+  BetCursor cursor(bets);
+  for (uint16_t i = 0; i < count; i++) {
     Bet bet;
     if (!cursor.next(bet)) return Rejection{Status::malformed_body, i, "bet is truncated"};
     if (auto r = check_bet(bet, ctx)) {
@@ -228,6 +232,12 @@ std::optional<Rejection> validate_batch(Bytes body, const ValidationContext& ctx
   }
   if (!cursor.at_end()) return Rejection{Status::malformed_body, no_bet_index, "bytes after the last bet"};
   return std::nullopt;
+}
+
+std::optional<Rejection> validate_batch(Bytes body, const ValidationContext& ctx, BatchInfo& out) {
+  if (!read_batch_header(body, out))
+    return Rejection{Status::malformed_body, no_bet_index, "batch body shorter than its header"};
+  return validate_batch_parts(out.agency, out.count, body.subspan(limits::batch_body_header_bytes), ctx);
 }
 
 // ---------------------------------------------------------------- encoding

@@ -128,6 +128,12 @@ struct BatchInfo {
 // Decodes and validates a whole batch body. All or nothing: the first bad bet
 // rejects the batch.
 std::optional<Rejection> validate_batch(Bytes body, const ValidationContext& ctx, BatchInfo& out);
+// The same checks over the parts of a body: its header fields and its bets
+// (the server validates bets after copying them into the store's mapping).
+std::optional<Rejection> validate_batch_parts(uint16_t agency, uint16_t count, Bytes bets,
+                                              const ValidationContext& ctx);
+// Reads a batch body's header fields (agency, count) without validating bets.
+bool read_batch_header(Bytes body, BatchInfo& out);
 
 // Walks the bets of a batch body that has already been validated (or read
 // back from the store, whose checksum vouches for it).

@@ -1,0 +1,44 @@
+#include "lottery/draw.hpp"
+
+#include "common/assert.hpp"
+#include "lottery/limits.hpp"
+#include "lottery/protocol.hpp"
+#include "lottery/store.hpp"
+
+namespace lottery {
+
+common::Result<DrawResult> run_draw(const std::string& data_dir, uint16_t winning_number, uint16_t agencies) {
+  LOTTERY_ASSERT(winning_number <= limits::bet_number_max);
+  DrawResult result;
+  result.winning_number = winning_number;
+  result.winners.resize(size_t{agencies} + 1);
+  auto segments = store::list_segments(data_dir, -1);
+  if (!segments) return segments.error();
+  for (const std::string& path : *segments) {
+    auto scanned = store::scan_segment(path, [&](const store::EntryView& e) {
+      // The scanner verified the checksum and the bet count, so the bets are
+      // walked with the unchecked fast path: number, then skip.
+      const std::byte* p = e.bets.data();
+      const std::byte* end = p + e.bets.size();
+      bool known = e.meta.agency >= 1 && e.meta.agency <= agencies;
+      while (p < end) {
+        size_t size = proto::bet_size_at(p);
+        if (proto::bet_number_at(p) == winning_number && known) {
+          size_t doc_len = std::to_integer<size_t>(p[6]);
+          result.winners[e.meta.agency].emplace_back(reinterpret_cast<const char*>(p + limits::bet_fixed_bytes),
+                                                     doc_len);
+        }
+        p += size;
+      }
+      LOTTERY_ASSERT(p == end);
+      result.bets_scanned += e.meta.bet_count;
+      result.entries_scanned++;
+      result.bytes_scanned += e.bets.size();
+    });
+    if (!scanned) return scanned.error();
+    result.segments_scanned++;
+  }
+  return result;
+}
+
+}  // namespace lottery

@@ -1,0 +1,328 @@
+#include "lottery/session.hpp"
+
+#include <cstring>
+
+#include "common/assert.hpp"
+#include "common/log.hpp"
+
+namespace lottery {
+
+namespace log = common::log;
+using proto::MsgType;
+using proto::Status;
+
+namespace {
+// Room a reply may need; a frame is handled only when this much output space
+// is free, so a reply is never dropped for lack of buffer.
+constexpr size_t reply_bytes_max = limits::frame_bytes_max;
+constexpr uint64_t today_refresh_ms = 1000;
+}  // namespace
+
+LotteryService::LotteryService(reactor::Reactor& reactor, store::Store& store, ServiceOptions options,
+                               size_t max_connections)
+    : _reactor(reactor), _store(store), _options(std::move(options)) {
+  LOTTERY_ASSERT(_options.agencies >= 1 && _options.agencies <= limits::agencies_max);
+  _sessions.resize(max_connections);
+  _finished.assign(size_t{_options.agencies} + 1, false);
+}
+
+LotteryService::Session* LotteryService::session(reactor::ConnId id) {
+  if (id.slot >= _sessions.size()) return nullptr;
+  Session& s = _sessions[id.slot];
+  return s.open && s.id == id ? &s : nullptr;
+}
+
+void LotteryService::on_open(reactor::ConnId id) {
+  LOTTERY_ASSERT(id.slot < _sessions.size());
+  _sessions[id.slot] = Session{.open = true, .id = id};
+  _counters.connections++;
+  if (_shutting_down) {
+    reply_error(_sessions[id.slot], proto::connection_error_type, 0, Status::shutting_down, proto::no_bet_index,
+                "server is shutting down");
+    _reactor.close(id, reactor::Reactor::Flush::yes);
+  }
+}
+
+void LotteryService::on_close(reactor::ConnId id, reactor::CloseReason reason) {
+  Session* s = session(id);
+  if (s == nullptr) return;
+  if (reason == reactor::CloseReason::input_overflow) {
+    log::warning("conexion", log::Outcome::fail, {{"agencia", s->agency}, {"error", "input overflow: peer does not read its replies"}});
+  }
+  *s = Session{};
+}
+
+size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> data) {
+  Session* s = session(id);
+  if (s == nullptr) return data.size();
+  size_t used = 0;
+  while (data.size() - used >= 4) {
+    const std::byte* p = data.data() + used;
+    size_t avail = data.size() - used;
+    proto::FrameHeader h;
+    auto check = proto::parse_header(p, avail, limits::frame_bytes_max, h);
+    if (check == proto::HeaderCheck::need_more) break;
+    if (check != proto::HeaderCheck::ok) {
+      Status st = check == proto::HeaderCheck::too_large ? Status::frame_too_large : Status::bad_frame;
+      const char* why = check == proto::HeaderCheck::too_large ? "frame length over frame_bytes_max"
+                        : check == proto::HeaderCheck::bad_version ? "unsupported protocol version"
+                        : check == proto::HeaderCheck::bad_flags   ? "reserved flags are not zero"
+                                                                   : "frame length shorter than its header";
+      _counters.protocol_errors++;
+      log::warning("frame", log::Outcome::fail, {{"agencia", s->agency}, {"code", proto::status_name(st)}, {"reason", why}});
+      reply_error(*s, proto::connection_error_type, 0, st, proto::no_bet_index, why);
+      _reactor.close(id, reactor::Reactor::Flush::yes);
+      return data.size();
+    }
+    if (avail < h.length) break;  // the rest of the frame is still on its way
+    // Back-pressure: handle a frame only when its reply surely fits.
+    if (_reactor.send_space(id) < reply_bytes_max) break;
+    proto::Bytes body(p + limits::frame_header_bytes, h.length - limits::frame_header_bytes);
+    used += h.length;
+    if (!proto::body_crc_matches(h, body)) {
+      _counters.protocol_errors++;
+      log::warning("frame", log::Outcome::fail, {{"agencia", s->agency}, {"code", "bad_checksum"}, {"seq", h.seq}});
+      reply_error(*s, h.type, h.seq, Status::bad_checksum, proto::no_bet_index, "body checksum mismatch");
+      _reactor.close(id, reactor::Reactor::Flush::yes);
+      return data.size();
+    }
+    if (handle_frame(*s, h, body) == Outcome::close) {
+      _reactor.close(id, reactor::Reactor::Flush::yes);
+      return data.size();
+    }
+    s = session(id);
+    if (s == nullptr) return data.size();
+  }
+  return used;
+}
+
+LotteryService::Outcome LotteryService::handle_frame(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
+  if (_shutting_down) {
+    reply_error(s, h.type, h.seq, Status::shutting_down, proto::no_bet_index, "server is shutting down");
+    return Outcome::close;
+  }
+  switch (h.type) {
+    case static_cast<uint8_t>(MsgType::hello): return handle_hello(s, h, body);
+    case static_cast<uint8_t>(MsgType::batch): return handle_batch(s, h, body);
+    case static_cast<uint8_t>(MsgType::finished): return handle_finished(s, h, body);
+    case static_cast<uint8_t>(MsgType::winners): return handle_winners(s, h, body);
+    default:
+      _counters.protocol_errors++;
+      reply_error(s, h.type, h.seq, Status::unknown_type, proto::no_bet_index, "unknown request type");
+      return Outcome::close;
+  }
+}
+
+void LotteryService::reply_error(Session& s, uint8_t request_type, uint32_t seq, Status status, uint16_t bet_index,
+                                 std::string_view reason) {
+  std::byte* dst = _reactor.reserve_send(s.id, reply_bytes_max);
+  if (dst == nullptr) return;  // connection gone or hopelessly behind: it will be closed
+  size_t n = proto::encode_error_reply(dst, reply_bytes_max, request_type, seq, status, bet_index, reason);
+  _reactor.commit_send(s.id, n);
+}
+
+LotteryService::Outcome LotteryService::handle_hello(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
+  proto::HelloRequest req;
+  if (!proto::decode_hello(body, req)) {
+    reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "hello body has the wrong size");
+    return Outcome::close;
+  }
+  if (req.agency < 1 || req.agency > _options.agencies) {
+    reply_error(s, h.type, h.seq, Status::invalid_agency, proto::no_bet_index, "agency is not a known agency");
+    return Outcome::keep;
+  }
+  if (s.agency != 0 && s.agency != req.agency) {
+    reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index,
+                "connection already identified as another agency");
+    return Outcome::close;
+  }
+  s.agency = req.agency;
+  s.producer_id = req.producer_id;
+  proto::HelloAck ack;
+  ack.agency = s.agency;
+  ack.finished = _finished[s.agency];
+  ack.draw_done = _draw.has_value();
+  ack.stored_seq = 0;
+  ack.bets_stored = _store.bets_stored(s.agency);
+  log::debug("hello", log::Outcome::success, {{"agencia", s.agency}});
+  std::byte* dst = _reactor.reserve_send(s.id, reply_bytes_max);
+  LOTTERY_ASSERT(dst != nullptr);  // on_data checked the room
+  _reactor.commit_send(s.id, proto::encode_hello_ack(dst, reply_bytes_max, h.seq, ack));
+  return Outcome::keep;
+}
+
+LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
+  proto::BatchInfo info;
+  auto reject = [&](Status st, uint16_t index, const char* why) {
+    _counters.batches_rejected++;
+    log::info("apuesta_recibida", log::Outcome::fail,
+              {{"cantidad", info.count}, {"agencia", s.agency}, {"seq", h.seq}, {"code", proto::status_name(st)},
+               {"bet_index", index == proto::no_bet_index ? -1 : int{index}}, {"reason", why}});
+    reply_error(s, h.type, h.seq, st, index, why);
+    return Outcome::keep;
+  };
+  if (!proto::read_batch_header(body, info))
+    return reject(Status::malformed_body, proto::no_bet_index, "batch body shorter than its header");
+  if (s.agency == 0) return reject(Status::not_identified, proto::no_bet_index, "send hello before bets");
+  if (info.agency != s.agency)
+    return reject(Status::agency_mismatch, proto::no_bet_index, "batch agency is not the connection's agency");
+  if (_draw) return reject(Status::draw_done, proto::no_bet_index, "the draw is done; no more bets");
+  if (_finished[s.agency]) return reject(Status::agency_finished, proto::no_bet_index, "this agency already finished");
+
+  // Parse straight into the mapping: copy the bets to their place in the
+  // segment, validate them there, then commit or abandon the entry.
+  proto::Bytes wire_bets = body.subspan(limits::batch_body_header_bytes);
+  auto slot = _store.reserve(wire_bets.size());
+  if (!slot) {
+    Status st = slot.error().code == ENOSPC ? Status::storage_full : Status::storage_error;
+    log::error("store", log::Outcome::fail, {{"error", slot.error().message}});
+    return reject(st, proto::no_bet_index, st == Status::storage_full ? "storage full" : "storage error");
+  }
+  std::byte* dst = *slot;
+  std::memcpy(dst, wire_bets.data(), wire_bets.size());
+  uint64_t now = reactor::Reactor::now_ms();
+  if (now - _today_checked_ms >= today_refresh_ms || _today_checked_ms == 0) {
+    _today = proto::today_local();
+    _today_checked_ms = now;
+  }
+  proto::ValidationContext ctx{_options.agencies, _today};
+  proto::Bytes stored_bets(dst, wire_bets.size());
+  if (auto r = proto::validate_batch_parts(info.agency, info.count, stored_bets, ctx)) {
+    _store.abandon(wire_bets.size());
+    return reject(r->status, r->index, r->reason);
+  }
+  _store.commit(store::EntryMeta{info.agency, info.count, s.producer_id, h.seq}, wire_bets.size());
+  _counters.batches_accepted++;
+  _counters.bets_accepted += info.count;
+
+  // apuesta_almacenada per bet: always for a single-bet batch (the classic
+  // single-bet mode), otherwise only at DEBUG.
+  if (info.count == 1 || log::enabled(log::Level::debug)) {
+    log::Level level = info.count == 1 ? log::Level::info : log::Level::debug;
+    proto::BetCursor cursor(stored_bets);
+    proto::Bet bet;
+    while (cursor.next(bet))
+      log::event(level, "apuesta_almacenada", log::Outcome::success,
+                 {{"dni", bet.document}, {"numero", bet.number}, {"agencia", info.agency}});
+  }
+  // The log line goes out before the acknowledgement it reports.
+  log::info("apuesta_recibida", log::Outcome::success, {{"cantidad", info.count}, {"agencia", info.agency}});
+  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
+  LOTTERY_ASSERT(out != nullptr);
+  _reactor.commit_send(s.id, proto::encode_batch_ack(out, reply_bytes_max, h.seq, info.count));
+  return Outcome::keep;
+}
+
+LotteryService::Outcome LotteryService::handle_finished(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
+  uint16_t agency = 0;
+  if (!proto::decode_agency_body(body, agency)) {
+    reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "finished body has the wrong size");
+    return Outcome::close;
+  }
+  if (s.agency == 0) {
+    reply_error(s, h.type, h.seq, Status::not_identified, proto::no_bet_index, "send hello first");
+    return Outcome::keep;
+  }
+  if (agency != s.agency) {
+    reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
+    return Outcome::keep;
+  }
+  if (_draw) {
+    reply_error(s, h.type, h.seq, Status::draw_done, proto::no_bet_index, "the draw is done");
+    return Outcome::keep;
+  }
+  if (_finished[agency]) {
+    reply_error(s, h.type, h.seq, Status::agency_finished, proto::no_bet_index, "this agency already finished");
+    return Outcome::keep;
+  }
+  _finished[agency] = true;
+  _finished_count++;
+  uint64_t stored = _store.bets_stored(agency);
+  log::info("fin_apuestas", log::Outcome::success, {{"agencia", agency}, {"cantidad", stored}});
+  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
+  LOTTERY_ASSERT(out != nullptr);
+  _reactor.commit_send(s.id, proto::encode_finished_ack(out, reply_bytes_max, h.seq, stored));
+  if (_finished_count == _options.agencies) run_draw();
+  return Outcome::keep;
+}
+
+LotteryService::Outcome LotteryService::handle_winners(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
+  uint16_t agency = 0;
+  uint32_t start = 0;
+  if (!proto::decode_winners_query(body, agency, start)) {
+    reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "winners body has the wrong size");
+    return Outcome::close;
+  }
+  if (s.agency == 0) {
+    reply_error(s, h.type, h.seq, Status::not_identified, proto::no_bet_index, "send hello first");
+    return Outcome::keep;
+  }
+  if (agency != s.agency) {
+    // Winners are personal data: an agency reads only its own.
+    reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
+    return Outcome::keep;
+  }
+  if (!_draw) {
+    if (s.waiting_winners) {
+      reply_error(s, h.type, h.seq, Status::not_ready, proto::no_bet_index, "a winners query is already waiting");
+      return Outcome::keep;
+    }
+    // Held until the draw: never a partial answer.
+    s.waiting_winners = true;
+    s.waiting_seq = h.seq;
+    s.waiting_start = start;
+    log::debug("consulta_ganadores", log::Outcome::in_progress, {{"agencia", agency}});
+    return Outcome::keep;
+  }
+  send_winners_page(s, h.seq, start);
+  return Outcome::keep;
+}
+
+void LotteryService::send_winners_page(Session& s, uint32_t seq, uint32_t start) {
+  LOTTERY_ASSERT(_draw.has_value());
+  const auto& docs = _draw->winners[s.agency];
+  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
+  if (out == nullptr) return;
+  uint32_t total = static_cast<uint32_t>(docs.size());
+  proto::WinnersReplyBuilder page(out, reply_bytes_max, total, start);
+  for (size_t i = start; i < docs.size(); i++)
+    if (!page.add(docs[i])) break;
+  log::debug("consulta_ganadores", log::Outcome::success, {{"agencia", s.agency}, {"cant_ganadores", total}});
+  _reactor.commit_send(s.id, page.finish(seq));
+}
+
+void LotteryService::run_draw() {
+  LOTTERY_ASSERT(!_draw.has_value());
+  // Everything acknowledged is in the page cache; the draw reads it back
+  // through its own mapping of every segment.
+  auto result = lottery::run_draw(_options.data_dir, _options.winning_number, _options.agencies);
+  if (!result) {
+    log::error("sorteo", log::Outcome::fail, {{"error", result.error().message}});
+    return;
+  }
+  _draw = std::move(*result);
+  log::info("sorteo", log::Outcome::success,
+            {{"numero_ganador", _draw->winning_number}, {"apuestas", _draw->bets_scanned},
+             {"ganadores", _draw->total_winners()}});
+  for (Session& s : _sessions) {
+    if (s.open && s.waiting_winners) {
+      s.waiting_winners = false;
+      send_winners_page(s, s.waiting_seq, s.waiting_start);
+    }
+  }
+}
+
+void LotteryService::begin_shutdown() {
+  _shutting_down = true;
+  for (Session& s : _sessions) {
+    if (!s.open) continue;
+    if (s.waiting_winners) {
+      s.waiting_winners = false;
+      reply_error(s, static_cast<uint8_t>(MsgType::winners), s.waiting_seq, Status::shutting_down,
+                  proto::no_bet_index, "server is shutting down before the draw");
+    }
+  }
+  _reactor.close_all(reactor::CloseReason::shutdown);
+}
+
+}  // namespace lottery

@@ -1,0 +1,83 @@
+// The lottery service: the server side of the protocol, as a reactor Handler.
+// It turns frames into store appends, finish marks and winners replies. The
+// reactor below it moves bytes; the store beside it keeps them.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lottery/draw.hpp"
+#include "lottery/protocol.hpp"
+#include "lottery/store.hpp"
+#include "reactor/reactor.hpp"
+
+namespace lottery {
+
+struct ServiceOptions {
+  uint16_t agencies = 5;
+  uint16_t winning_number = 7574;
+  std::string data_dir = "./data";
+};
+
+struct ServiceCounters {
+  uint64_t connections = 0;
+  uint64_t batches_accepted = 0;
+  uint64_t batches_rejected = 0;
+  uint64_t bets_accepted = 0;
+  uint64_t protocol_errors = 0;
+};
+
+class LotteryService final : public reactor::Handler {
+ public:
+  LotteryService(reactor::Reactor& reactor, store::Store& store, ServiceOptions options, size_t max_connections);
+
+  void on_open(reactor::ConnId id) override;
+  size_t on_data(reactor::ConnId id, std::span<const std::byte> data) override;
+  void on_close(reactor::ConnId id, reactor::CloseReason reason) override;
+
+  // Graceful stop: waiting winners queries are answered "shutting down" and
+  // every connection is closed once its replies are out.
+  void begin_shutdown();
+  bool draw_done() const { return _draw.has_value(); }
+  const ServiceCounters& counters() const { return _counters; }
+
+ private:
+  struct Session {
+    bool open = false;
+    reactor::ConnId id;
+    uint16_t agency = 0;  // 0 until hello
+    uint64_t producer_id = 0;
+    bool waiting_winners = false;
+    uint32_t waiting_seq = 0;
+    uint32_t waiting_start = 0;
+  };
+
+  enum class Outcome : uint8_t { keep, close };
+
+  Session* session(reactor::ConnId id);
+  Outcome handle_frame(Session& s, const proto::FrameHeader& h, proto::Bytes body);
+  Outcome handle_hello(Session& s, const proto::FrameHeader& h, proto::Bytes body);
+  Outcome handle_batch(Session& s, const proto::FrameHeader& h, proto::Bytes body);
+  Outcome handle_finished(Session& s, const proto::FrameHeader& h, proto::Bytes body);
+  Outcome handle_winners(Session& s, const proto::FrameHeader& h, proto::Bytes body);
+  void reply_error(Session& s, uint8_t request_type, uint32_t seq, proto::Status status, uint16_t bet_index,
+                   std::string_view reason);
+  void send_winners_page(Session& s, uint32_t seq, uint32_t start);
+  void run_draw();
+
+  reactor::Reactor& _reactor;
+  store::Store& _store;
+  ServiceOptions _options;
+  std::vector<Session> _sessions;  // by reactor slot
+  std::vector<bool> _finished;     // by agency
+  uint16_t _finished_count = 0;
+  std::optional<DrawResult> _draw;
+  bool _shutting_down = false;
+  ServiceCounters _counters;
+  proto::Date _today;
+  uint64_t _today_checked_ms = 0;
+};
+
+}  // namespace lottery

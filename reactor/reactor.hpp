@@ -1,0 +1,172 @@
+// A small event loop in the manner of Redis's ae: connections, timers and a
+// wake-up, behind one handler interface. It knows nothing of what the bytes
+// mean; lottery/ implements the Handler.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/result.hpp"
+#include "reactor/backend.hpp"
+#include "reactor/buffer_pool.hpp"
+#include "reactor/limits.hpp"
+
+namespace reactor {
+
+enum class CloseReason : uint8_t { peer_closed, io_error, local, input_overflow, shutdown };
+const char* close_reason_name(CloseReason r);
+
+class Handler {
+ public:
+  virtual ~Handler() = default;
+  virtual void on_open(ConnId id) = 0;
+  // Bytes received on `id` (the unconsumed rest of earlier calls first).
+  // Returns how many bytes it consumed; the rest is offered again with the
+  // next bytes, or when the connection's output drains.
+  virtual size_t on_data(ConnId id, std::span<const std::byte> data) = 0;
+  // The connection is gone; `id` is never valid again.
+  virtual void on_close(ConnId id, CloseReason reason) = 0;
+};
+
+struct Options {
+  size_t max_connections = limits::connections_default;
+};
+
+struct Stats {
+  uint64_t accepted = 0;
+  uint64_t closed = 0;
+  uint64_t refused_full = 0;   // accepted then closed: no free slot
+  uint64_t bytes_in = 0;
+  uint64_t bytes_out = 0;
+};
+
+class Reactor final : private BackendEvents {
+ public:
+  static common::Result<std::unique_ptr<Reactor>> create(BackendKind kind, Options options);
+  ~Reactor();
+  Reactor(const Reactor&) = delete;
+  Reactor& operator=(const Reactor&) = delete;
+
+  std::string_view backend_name() const { return _backend->name(); }
+  void set_handler(Handler* handler) { _handler = handler; }
+
+  // Takes ownership of a listening socket (non-blocking).
+  common::Status add_listener(int fd);
+  // Closes every listening socket: no new connections from now on.
+  void stop_accepting();
+
+  // Queues bytes for `id`. False when `id` is gone or its output buffer lacks
+  // room; nothing is queued then.
+  bool send(ConnId id, std::span<const std::byte> bytes);
+  // Free room in `id`'s output buffer (0 when `id` is gone).
+  size_t send_space(ConnId id) const;
+  // Reserves `size` bytes of `id`'s output buffer to encode into in place; commit_send() queues them.
+  std::byte* reserve_send(ConnId id, size_t size);
+  void commit_send(ConnId id, size_t size);
+  bool is_open(ConnId id) const;
+  // Closes `id` after its queued output is sent (flush) or at once.
+  enum class Flush : uint8_t { yes, no };
+  void close(ConnId id, Flush flush, CloseReason reason = CloseReason::local);
+  void pause_reading(ConnId id);
+  void resume_reading(ConnId id);
+  size_t connection_count() const { return _open_count; }
+  // Slots not yet free: open, or closing with output still draining.
+  size_t slots_in_use() const { return _conns.size() - _free_slots.size(); }
+  // Runs every open connection through close(Flush::yes, shutdown).
+  void close_all(CloseReason reason);
+
+  // Timers: one-shot, in milliseconds on the monotonic clock.
+  using TimerId = uint64_t;
+  TimerId add_timer(uint64_t delay_ms, std::function<void()> callback);
+  void cancel_timer(TimerId id);
+
+  // A readable fd calls `callback` (the callee drains the fd).
+  common::Status watch_fd(int fd, std::function<void()> callback);
+
+  // Async-signal-safe: wakes run() from a signal handler or another thread.
+  void wake();
+  void set_wake_callback(std::function<void()> callback) { _on_wake = std::move(callback); }
+  // Runs after every batch of completions, before the loop sleeps.
+  void set_before_sleep(std::function<void()> callback) { _before_sleep = std::move(callback); }
+
+  void run();
+  void stop() { _stopping = true; }
+  static uint64_t now_ms();
+  const Stats& stats() const { return _stats; }
+
+ private:
+  explicit Reactor(std::unique_ptr<Backend> backend, Options options);
+
+  enum class State : uint8_t { free, open, closing, releasing };
+  struct Conn {
+    int fd = -1;
+    uint32_t generation = 0;
+    State state = State::free;
+    bool send_in_flight = false;
+    bool dirty = false;  // has output not yet handed to the backend
+    bool paused_by_handler = false;
+    bool paused_by_output = false;
+    bool receiving = false;
+    CloseReason close_reason = CloseReason::local;
+    std::byte* in = nullptr;  // borrowed from _input_pool while non-empty
+    size_t in_len = 0;
+    std::byte* out = nullptr;  // borrowed from _output_pool while non-empty
+    size_t out_head = 0;       // first byte not yet sent
+    size_t out_sending = 0;    // end of the range handed to the backend
+    size_t out_tail = 0;       // end of queued bytes
+  };
+
+  // BackendEvents
+  void on_accept(int listen_fd, int conn_fd) override;
+  void on_recv(ConnId id, std::span<const std::byte> data) override;
+  void on_recv_end(ConnId id, int err) override;
+  void on_sent(ConnId id, size_t bytes, int err) override;
+  void on_released(ConnId id) override;
+  void on_watch(uint64_t token) override;
+
+  Conn* lookup(ConnId id);
+  const Conn* lookup(ConnId id) const;
+  void deliver(ConnId id, Conn& c);
+  void flush_dirty();
+  void start_send(ConnId id, Conn& c);
+  void begin_close(ConnId id, Conn& c, CloseReason reason);
+  void finish_close(ConnId id, Conn& c);
+  void update_receiving(ConnId id, Conn& c);
+  void release_output_if_empty(Conn& c);
+  int next_timeout_ms();
+  void run_timers();
+
+  std::unique_ptr<Backend> _backend;
+  Options _options;
+  Handler* _handler = nullptr;
+  std::vector<Conn> _conns;
+  std::vector<uint32_t> _free_slots;
+  std::vector<ConnId> _dirty;
+  size_t _open_count = 0;
+  BufferPool _input_pool{limits::input_buffer_bytes};
+  BufferPool _output_pool{limits::output_buffer_bytes};
+  std::vector<int> _listeners;
+
+  struct Timer {
+    uint64_t deadline_ms;
+    TimerId id;
+  };
+  std::vector<Timer> _timer_heap;
+  std::map<TimerId, std::function<void()>> _timer_callbacks;
+  TimerId _next_timer_id = 1;
+
+  int _wake_fd = -1;
+  std::function<void()> _on_wake;
+  std::vector<std::pair<int, std::function<void()>>> _watches;
+  std::function<void()> _before_sleep;
+  bool _stopping = false;
+  Stats _stats;
+};
+
+}  // namespace reactor

@@ -1,0 +1,79 @@
+#include "server/server_config.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include "common/config.hpp"
+#include "lottery/limits.hpp"
+
+namespace server {
+
+common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code) {
+  exit_code = -1;
+  ServerConfig cfg;
+  // The config file comes first: its values become the defaults that the
+  // environment and then the flags override.
+  std::string path = common::config::prescan_flag(argc, argv, "--config")
+                         .value_or(common::config::env("SERVER_CONFIG").value_or(cfg.config_path));
+  bool explicit_path = common::config::prescan_flag(argc, argv, "--config").has_value() ||
+                       common::config::env("SERVER_CONFIG").has_value();
+  auto file = common::config::load_ini(path, !explicit_path);
+  if (!file) return file.error();
+  auto from_file = [&](const char* key, std::string fallback) {
+    auto it = file->find(key);
+    return it == file->end() || it->second.empty() ? fallback : it->second;
+  };
+
+  CLI::App app{"lottery-server: receives agencies' bets, stores them durably and runs the draw"};
+  app.option_defaults()->always_capture_default();
+  std::string level_text = from_file("LOGGING_LEVEL", "INFO");
+  std::string io_text = from_file("SERVER_IO", "auto");
+  try {
+  cfg.ip = from_file("SERVER_IP", cfg.ip);
+  cfg.port = static_cast<uint16_t>(std::stoul(from_file("SERVER_PORT", std::to_string(cfg.port))));
+  cfg.listen_backlog = std::stoi(from_file("SERVER_LISTEN_BACKLOG", std::to_string(cfg.listen_backlog)));
+  cfg.data_dir = from_file("SERVER_DATA_DIR", cfg.data_dir);
+  cfg.agencies = static_cast<uint16_t>(std::stoul(from_file("SERVER_AGENCIES", std::to_string(cfg.agencies))));
+  cfg.winning_number =
+      static_cast<uint16_t>(std::stoul(from_file("SERVER_WINNING_NUMBER", std::to_string(cfg.winning_number))));
+  } catch (const std::exception&) {
+    return common::Error::make(EINVAL, "config file " + path + ": a numeric setting is not a number");
+  }
+
+  app.add_option("--config", cfg.config_path, "config.ini path")->envname("SERVER_CONFIG");
+  app.add_option("--ip", cfg.ip, "address to listen on")->envname("SERVER_IP");
+  app.add_option("--port", cfg.port, "TCP port")->envname("SERVER_PORT");
+  app.add_option("--backlog", cfg.listen_backlog, "listen(2) backlog")
+      ->envname("SERVER_LISTEN_BACKLOG")
+      ->check(CLI::Range(1, 65535));
+  app.add_option("--log-level", level_text, "DEBUG, INFO, WARNING, ERROR")->envname("LOGGING_LEVEL");
+  app.add_option("--data-dir", cfg.data_dir, "directory of the bet store")->envname("SERVER_DATA_DIR");
+  app.add_option("--agencies", cfg.agencies, "number of agencies expected to finish before the draw")
+      ->envname("SERVER_AGENCIES")
+      ->check(CLI::Range(1, static_cast<int>(lottery::limits::agencies_max)));
+  app.add_option("--winning-number", cfg.winning_number, "the number that wins the draw")
+      ->envname("SERVER_WINNING_NUMBER")
+      ->check(CLI::Range(0, static_cast<int>(lottery::limits::bet_number_max)));
+  app.add_option("--io", io_text, "I/O backend: auto, epoll or uring")->envname("SERVER_IO");
+  app.add_option("--segment-bytes", cfg.segment_bytes, "size of each store segment file")
+      ->envname("SERVER_SEGMENT_BYTES");
+  app.add_option("--max-connections", cfg.max_connections, "connections served at once")
+      ->envname("SERVER_MAX_CONNECTIONS")
+      ->check(CLI::Range(1, 1'000'000));
+  app.add_option("--shutdown-grace-ms", cfg.shutdown_grace_ms, "how long SIGTERM waits for replies to drain")
+      ->envname("SERVER_SHUTDOWN_GRACE_MS");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    exit_code = app.exit(e);
+    return common::Error::make(EINVAL, "bad command line");
+  }
+  if (!common::log::parse_level(level_text, cfg.log_level))
+    return common::Error::make(EINVAL, "LOGGING_LEVEL must be DEBUG, INFO, WARNING or ERROR, not " + level_text);
+  if (io_text == "auto") cfg.io = IoMode::auto_select;
+  else if (io_text == "epoll") cfg.io = IoMode::epoll;
+  else if (io_text == "uring" || io_text == "io_uring") cfg.io = IoMode::uring;
+  else return common::Error::make(EINVAL, "--io must be auto, epoll or uring, not " + io_text);
+  return cfg;
+}
+
+}  // namespace server

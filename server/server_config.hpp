@@ -1,0 +1,33 @@
+// Server settings: flag > environment > config.ini ([DEFAULT]) > default.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/log.hpp"
+#include "common/result.hpp"
+
+namespace server {
+
+enum class IoMode : uint8_t { auto_select, epoll, uring };
+
+struct ServerConfig {
+  std::string config_path = "config.ini";
+  std::string ip = "0.0.0.0";
+  uint16_t port = 12345;
+  int listen_backlog = 1024;
+  common::log::Level log_level = common::log::Level::info;
+  std::string data_dir = "./data";
+  uint16_t agencies = 5;
+  uint16_t winning_number = 7574;
+  IoMode io = IoMode::auto_select;
+  size_t segment_bytes = 64ull * 1024 * 1024;
+  size_t max_connections = 4096;
+  int shutdown_grace_ms = 5000;
+};
+
+// Parses argv (and the environment, and the config file). Returns the exit
+// code to use in `exit_code` when the process should stop (e.g. --help).
+common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code);
+
+}  // namespace server
