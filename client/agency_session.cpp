@@ -1,0 +1,367 @@
+#include "client/agency_session.hpp"
+
+#include <cstring>
+
+#include "client/client_config.hpp"
+#include "common/assert.hpp"
+
+namespace lottery::client {
+namespace {
+
+// Which side a refusal points at decides the exit code the caller picks.
+FailureKind classify(proto::Status s) {
+  using proto::Status;
+  switch (s) {
+    // The server could not parse what we sent: a bug here or there, not bad data.
+    case Status::bad_frame:
+    case Status::frame_too_large:
+    case Status::bad_checksum:
+    case Status::unknown_type:
+    case Status::malformed_body:
+      return FailureKind::protocol;
+    // The server cannot take anything right now, whatever we send.
+    case Status::storage_error:
+    case Status::storage_full:
+    case Status::shutting_down:
+    case Status::too_many_connections:
+      return FailureKind::refused;
+    default:
+      return FailureKind::rejected;
+  }
+}
+
+const char* header_check_name(proto::HeaderCheck c) {
+  switch (c) {
+    case proto::HeaderCheck::need_more:
+      return "need_more";
+    case proto::HeaderCheck::ok:
+      return "ok";
+    case proto::HeaderCheck::bad_version:
+      return "bad version";
+    case proto::HeaderCheck::bad_length:
+      return "length below the header size";
+    case proto::HeaderCheck::too_large:
+      return "length over frame_bytes_max";
+    case proto::HeaderCheck::bad_flags:
+      return "unknown flags";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+AgencySession::AgencySession(const SessionOptions& options, BetSource& source, SessionListener& listener)
+    : _options(options), _source(source), _listener(listener) {
+  LOTTERY_ASSERT(options.agency != 0);
+  LOTTERY_ASSERT(options.inflight_max >= 1);
+  LOTTERY_ASSERT(options.inflight_max <= inflight_batches_max);
+  LOTTERY_ASSERT(options.batch_bets_max >= 1);
+  LOTTERY_ASSERT(options.batch_bets_max <= limits::batch_bets_max);
+  LOTTERY_ASSERT(options.batch_bytes_max >= batch_bytes_min);
+  LOTTERY_ASSERT(options.batch_bytes_max <= limits::frame_bytes_max);
+  // Every buffer the session will ever use, allocated here and only here.
+  _slots.resize(options.inflight_max);
+  _frames.resize(options.inflight_max * options.batch_bytes_max);
+  _lines.resize(options.inflight_max * options.batch_bets_max);
+  _receive.resize(receive_buffer_bytes);
+
+  size_t n = proto::encode_hello(_control, sizeof _control, hello_seq, options.agency, options.producer_id);
+  queue_control(n, hello_seq, static_cast<uint8_t>(proto::MsgType::hello));
+}
+
+// ------------------------------------------------------------------ window
+
+AgencySession::Slot& AgencySession::slot(uint32_t seq) {
+  LOTTERY_ASSERT(seq >= 1);
+  return _slots[(seq - 1) % _options.inflight_max];
+}
+
+std::byte* AgencySession::slot_frame(uint32_t seq) {
+  return _frames.data() + ((seq - 1) % _options.inflight_max) * _options.batch_bytes_max;
+}
+
+uint32_t* AgencySession::slot_lines(uint32_t seq) {
+  return _lines.data() + ((seq - 1) % _options.inflight_max) * _options.batch_bets_max;
+}
+
+void AgencySession::fill_window() {
+  while (in_window() < _options.inflight_max && (!_source_done || _have_carry)) {
+    if (!build_batch()) break;
+  }
+}
+
+bool AgencySession::build_batch() {
+  uint32_t seq = _built_through + 1;
+  proto::BatchBuilder builder(slot_frame(seq), _options.batch_bytes_max, _options.agency, _options.batch_bets_max);
+  uint32_t* lines = slot_lines(seq);
+  if (_have_carry) {
+    // Sources hand out validated bets and batch_bytes_min fits the largest
+    // valid bet, so a bet always fits an empty batch.
+    bool added = builder.add(_carry);
+    LOTTERY_ASSERT(added);
+    lines[0] = _carry_line;
+    _have_carry = false;
+  }
+  while (!_source_done) {
+    proto::Bet bet;
+    uint32_t line = 0;
+    if (!_source.next(bet, line)) {
+      _source_done = true;
+      break;
+    }
+    if (!builder.add(bet)) {
+      _carry = bet;
+      _carry_line = line;
+      _have_carry = true;
+      LOTTERY_ASSERT(!builder.empty());
+      break;
+    }
+    lines[builder.count() - 1] = line;
+  }
+  if (builder.empty()) return false;
+  Slot& s = slot(seq);
+  LOTTERY_ASSERT(s.count == 0);  // the slot's previous batch was released
+  s.seq = seq;
+  s.count = builder.count();
+  s.frame_bytes = builder.finish(seq);
+  s.sent_bytes = 0;
+  s.acked = false;
+  _built_through = seq;
+  _bets_built += s.count;
+  return true;
+}
+
+void AgencySession::queue_control(size_t frame_bytes, uint32_t seq, uint8_t type) {
+  LOTTERY_ASSERT(frame_bytes > 0);
+  LOTTERY_ASSERT(!_control_awaiting_reply);
+  _control_bytes = frame_bytes;
+  _control_sent = 0;
+  _control_seq = seq;
+  _control_type = type;
+  _control_awaiting_reply = true;
+}
+
+void AgencySession::queue_winners_query() {
+  uint32_t seq = _next_seq++;
+  size_t n = proto::encode_winners_query(_control, sizeof _control, seq, _options.agency, _winners_start);
+  queue_control(n, seq, static_cast<uint8_t>(proto::MsgType::winners));
+}
+
+// Called whenever the window may have drained: once every bet is acked the
+// session moves on to FINISHED (or ends, in single-bet mode without --finish).
+void AgencySession::after_bets_acked() {
+  if (_phase != Phase::betting) return;
+  fill_window();
+  bool all_acked = _source_done && !_have_carry && _acked_through == _built_through;
+  if (!all_acked) return;
+  if (!_options.finish) {
+    _phase = Phase::done;
+    return;
+  }
+  _phase = Phase::finishing;
+  _next_seq = _built_through + 1;
+  uint32_t seq = _next_seq++;
+  size_t n = proto::encode_finished(_control, sizeof _control, seq, _options.agency);
+  queue_control(n, seq, static_cast<uint8_t>(proto::MsgType::finished));
+}
+
+proto::Bytes AgencySession::pending_output() {
+  if (_phase == Phase::done || _phase == Phase::failed) return {};
+  if (_control_sent < _control_bytes) return {_control + _control_sent, _control_bytes - _control_sent};
+  if (_phase != Phase::betting) return {};
+  fill_window();
+  if (_sent_through == _built_through) return {};
+  uint32_t seq = _sent_through + 1;
+  const Slot& s = slot(seq);
+  return {slot_frame(seq) + s.sent_bytes, s.frame_bytes - s.sent_bytes};
+}
+
+void AgencySession::on_sent(size_t n) {
+  if (_control_sent < _control_bytes) {
+    LOTTERY_ASSERT(n <= _control_bytes - _control_sent);
+    _control_sent += n;
+    return;
+  }
+  LOTTERY_ASSERT(_sent_through < _built_through);
+  Slot& s = slot(_sent_through + 1);
+  LOTTERY_ASSERT(n <= s.frame_bytes - s.sent_bytes);
+  s.sent_bytes += n;
+  if (s.sent_bytes == s.frame_bytes) _sent_through++;
+}
+
+// ------------------------------------------------------------------ replies
+
+std::span<std::byte> AgencySession::receive_space() {
+  LOTTERY_ASSERT(_received < _receive.size());
+  return {_receive.data() + _received, _receive.size() - _received};
+}
+
+void AgencySession::on_received(size_t n) {
+  LOTTERY_ASSERT(n <= _receive.size() - _received);
+  _received += n;
+  size_t offset = 0;
+  while (_phase != Phase::done && _phase != Phase::failed) {
+    proto::FrameHeader h;
+    const std::byte* at = _receive.data() + offset;
+    size_t available = _received - offset;
+    proto::HeaderCheck check = proto::parse_header(at, available, limits::frame_bytes_max, h);
+    if (check == proto::HeaderCheck::need_more) break;
+    if (check != proto::HeaderCheck::ok) {
+      fail_protocol(std::string("reply with an invalid frame header: ") + header_check_name(check));
+      break;
+    }
+    if (available < h.length) break;
+    handle_frame(proto::Bytes(at, h.length));
+    offset += h.length;
+  }
+  // Keep the partial frame, if any, at the front. Frames are small next to
+  // the buffer, so this moves a few bytes at most once per read.
+  if (offset > 0) {
+    std::memmove(_receive.data(), _receive.data() + offset, _received - offset);
+    _received -= offset;
+  }
+}
+
+void AgencySession::handle_frame(proto::Bytes frame) {
+  proto::Reply r;
+  if (!proto::decode_reply(frame, r)) return fail_protocol("undecodable reply (bad checksum or body layout)");
+  if (r.answers == proto::connection_error_type) {
+    _failure = SessionFailure{};
+    _failure.kind = FailureKind::refused;
+    _failure.request_type = proto::connection_error_type;
+    _failure.status = r.status;
+    _failure.reason = std::string(r.reason);
+    _phase = Phase::failed;
+    return;
+  }
+  switch (static_cast<proto::MsgType>(r.answers)) {
+    case proto::MsgType::hello:
+      on_hello_reply(r);
+      break;
+    case proto::MsgType::batch:
+      on_batch_reply(r);
+      break;
+    case proto::MsgType::finished:
+      on_finished_reply(r);
+      break;
+    case proto::MsgType::winners:
+      on_winners_reply(r);
+      break;
+    default:
+      fail_protocol("reply of unknown type " + std::to_string(r.header.type));
+      break;
+  }
+}
+
+void AgencySession::fail_protocol(std::string why) {
+  _failure = SessionFailure{};
+  _failure.kind = FailureKind::protocol;
+  _failure.reason = std::move(why);
+  _phase = Phase::failed;
+}
+
+void AgencySession::fail_rejected(const proto::Reply& r) {
+  _failure = SessionFailure{};
+  _failure.kind = classify(r.status);
+  _failure.request_type = r.answers;
+  _failure.seq = r.header.seq;
+  _failure.status = r.status;
+  _failure.bet_index = r.bet_index;
+  _failure.reason = std::string(r.reason);
+  _phase = Phase::failed;
+}
+
+void AgencySession::on_hello_reply(const proto::Reply& r) {
+  if (_phase != Phase::hello || r.header.seq != _control_seq) return fail_protocol("unexpected HELLO reply");
+  if (r.status != proto::Status::ok) return fail_rejected(r);
+  proto::HelloAck ack;
+  if (!proto::decode_hello_ack(r, ack)) return fail_protocol("malformed HELLO ack");
+  if (ack.agency != _options.agency) return fail_protocol("HELLO ack names agency " + std::to_string(ack.agency));
+  _control_awaiting_reply = false;
+  _listener.on_hello_acked(ack);
+  if (_options.mode == SessionMode::agency && ack.finished) {
+    // The agency already said finished (an earlier run): the server would
+    // refuse every bet, and the winners are all that is left to ask for.
+    _phase = Phase::winners;
+    _next_seq = 1;
+    queue_winners_query();
+    return;
+  }
+  _phase = Phase::betting;
+  after_bets_acked();
+}
+
+void AgencySession::on_batch_reply(const proto::Reply& r) {
+  uint32_t seq = r.header.seq;
+  if (_phase != Phase::betting || seq <= _acked_through || seq > _sent_through || slot(seq).acked)
+    return fail_protocol("reply to batch " + std::to_string(seq) + ", which is not in flight");
+  Slot& s = slot(seq);
+  proto::Bytes bets(slot_frame(seq) + limits::frame_header_bytes + limits::batch_body_header_bytes,
+                    s.frame_bytes - limits::frame_header_bytes - limits::batch_body_header_bytes);
+  if (r.status != proto::Status::ok) {
+    fail_rejected(r);
+    if (r.bet_index < s.count) {
+      // Name the bet: its line in the source and its document.
+      _failure.line = slot_lines(seq)[r.bet_index];
+      proto::BetCursor cursor(bets);
+      proto::Bet bet;
+      for (uint16_t i = 0; i <= r.bet_index && cursor.next(bet); i++) {
+        if (i == r.bet_index) {
+          _failure.document = std::string(bet.document);
+          _failure.number = bet.number;
+        }
+      }
+    }
+    return;
+  }
+  uint16_t count = 0;
+  if (!proto::decode_batch_ack(r, count)) return fail_protocol("malformed batch ack");
+  if (count != s.count)
+    return fail_protocol("batch " + std::to_string(seq) + " acked with " + std::to_string(count) + " bets, sent " +
+                         std::to_string(s.count));
+  s.acked = true;
+  _listener.on_batch_acked(seq, count, bets);
+  // Acks may come out of order; the window only slides over a contiguous prefix.
+  while (_acked_through < _sent_through && slot(_acked_through + 1).acked) {
+    Slot& released = slot(_acked_through + 1);
+    released = Slot{};
+    _acked_through++;
+  }
+  after_bets_acked();
+}
+
+void AgencySession::on_finished_reply(const proto::Reply& r) {
+  if (_phase != Phase::finishing || r.header.seq != _control_seq) return fail_protocol("unexpected FINISHED reply");
+  if (r.status != proto::Status::ok) return fail_rejected(r);
+  uint64_t stored = 0;
+  if (!proto::decode_finished_ack(r, stored)) return fail_protocol("malformed FINISHED ack");
+  _control_awaiting_reply = false;
+  _listener.on_finished_acked(_bets_built, stored);
+  _phase = Phase::winners;
+  queue_winners_query();
+}
+
+void AgencySession::on_winners_reply(const proto::Reply& r) {
+  if (_phase != Phase::winners || r.header.seq != _control_seq) return fail_protocol("unexpected WINNERS reply");
+  if (r.status != proto::Status::ok) return fail_rejected(r);
+  proto::WinnersPage page;
+  if (!proto::decode_winners_page(r, page)) return fail_protocol("malformed winners page");
+  if (page.start != _winners_start)
+    return fail_protocol("winners page starts at " + std::to_string(page.start) + ", asked for " +
+                         std::to_string(_winners_start));
+  _control_awaiting_reply = false;
+  proto::Bytes cursor = page.documents;
+  std::string_view document;
+  while (proto::next_document(cursor, document)) _listener.on_winner(document);
+  _winners_start += page.count;
+  if (_winners_start >= page.total) {
+    _listener.on_winners_received(page.total);
+    _phase = Phase::done;
+    return;
+  }
+  // An empty page before the end would make us ask for the same page forever.
+  if (page.count == 0) return fail_protocol("empty winners page before the last one");
+  queue_winners_query();
+}
+
+}  // namespace lottery::client

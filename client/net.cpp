@@ -1,0 +1,263 @@
+#include "client/net.hpp"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <memory>
+#include <string>
+
+namespace lottery::client {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+common::Error stopped_error() {
+  return common::Error::make(stopped_error_code, "stopped by a signal");
+}
+
+timespec to_timespec(std::chrono::milliseconds ms) {
+  timespec ts{};
+  ts.tv_sec = static_cast<time_t>(ms.count() / 1000);
+  ts.tv_nsec = static_cast<long>((ms.count() % 1000) * 1'000'000);
+  return ts;
+}
+
+std::chrono::milliseconds remaining(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  return left.count() > 0 ? left : std::chrono::milliseconds(0);
+}
+
+enum class Wait : uint8_t { ready, timed_out, stopped, failed };
+
+// Waits for `events` on fd (or, with fd < 0, just for the time) until the
+// deadline, a stop request or an error.
+Wait wait_until(int fd, short events, Clock::time_point deadline, const WaitContext& ctx, short& revents) {
+  while (true) {
+    if (ctx.stopped()) return Wait::stopped;
+    auto left = remaining(deadline);
+    timespec ts = to_timespec(left);
+    pollfd p{fd, events, 0};
+    int rc = ::ppoll(fd >= 0 ? &p : nullptr, fd >= 0 ? 1 : 0, &ts, ctx.wait_mask);
+    if (rc < 0) {
+      if (errno == EINTR) continue;  // a signal: the loop head checks the flag
+      return Wait::failed;
+    }
+    if (rc > 0) {
+      revents = p.revents;
+      return Wait::ready;
+    }
+    if (left.count() == 0) return Wait::timed_out;
+  }
+}
+
+std::string numeric_host(const sockaddr* addr, socklen_t len) {
+  char host[NI_MAXHOST];
+  if (::getnameinfo(addr, len, host, sizeof host, nullptr, 0, NI_NUMERICHOST) != 0) return "?";
+  return host;
+}
+
+common::Result<UniqueFd> connect_address(const addrinfo& ai, const std::string& label, const WaitContext& ctx) {
+  UniqueFd fd(::socket(ai.ai_family, ai.ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai.ai_protocol));
+  if (!fd.valid()) return common::Error::from_errno(("socket for " + label).c_str());
+  if (::connect(fd.get(), ai.ai_addr, ai.ai_addrlen) != 0) {
+    if (errno != EINPROGRESS) return common::Error::from_errno(("connect " + label).c_str());
+    short revents = 0;
+    switch (wait_until(fd.get(), POLLOUT, Clock::now() + connect_timeout, ctx, revents)) {
+      case Wait::ready:
+        break;
+      case Wait::stopped:
+        return stopped_error();
+      case Wait::timed_out:
+        return common::Error::make(
+            ETIMEDOUT, "connect " + label + ": no answer within " + std::to_string(connect_timeout.count()) + " ms");
+      case Wait::failed:
+        return common::Error::from_errno(("ppoll while connecting to " + label).c_str());
+    }
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+      return common::Error::from_errno(("getsockopt(SO_ERROR) " + label).c_str());
+    if (err != 0) return common::Error::from_errno(("connect " + label).c_str(), err);
+  }
+  // Batches go out whole and back to back; Nagle would only hold the tail of
+  // one back until the server's delayed ACK.
+  int one = 1;
+  if (::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
+    return common::Error::from_errno(("setsockopt(TCP_NODELAY) " + label).c_str());
+  return fd;
+}
+
+// Reads whatever the socket holds into the session. Errors only for a
+// connection that is gone.
+common::Status receive_available(int fd, AgencySession& session) {
+  while (!session.done() && !session.failed()) {
+    std::span<std::byte> space = session.receive_space();
+    ssize_t n = ::recv(fd, space.data(), space.size(), MSG_DONTWAIT);
+    if (n > 0) {
+      session.on_received(static_cast<size_t>(n));
+      continue;
+    }
+    if (n == 0) return common::Error::make(ECONNRESET, "the server closed the connection");
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return common::ok_status();
+    if (errno == EINTR) continue;
+    return common::Error::from_errno("recv");
+  }
+  return common::ok_status();
+}
+
+common::Status send_pending(int fd, AgencySession& session) {
+  while (true) {
+    proto::Bytes out = session.pending_output();
+    if (out.empty()) return common::ok_status();
+    // MSG_NOSIGNAL: a closed peer is an error value here, not SIGPIPE.
+    ssize_t n = ::send(fd, out.data(), out.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      session.on_sent(static_cast<size_t>(n));
+      continue;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return common::ok_status();
+    if (n < 0 && errno == EINTR) continue;
+    return common::Error::from_errno("send");
+  }
+}
+
+}  // namespace
+
+UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
+  if (this != &other) {
+    reset();
+    _fd = other.release();
+  }
+  return *this;
+}
+
+int UniqueFd::release() {
+  int fd = _fd;
+  _fd = -1;
+  return fd;
+}
+
+void UniqueFd::reset() {
+  if (_fd >= 0) {
+    // close(2) errors cannot be acted on for a socket; the descriptor is gone either way.
+    ::close(_fd);
+    _fd = -1;
+  }
+}
+
+std::chrono::milliseconds backoff_delay(const RetryPolicy& policy, uint32_t failed_attempts) {
+  auto cap = policy.cap > policy.base ? policy.cap : policy.base;
+  auto delay = policy.base;
+  for (uint32_t i = 1; i < failed_attempts && delay < cap; i++) delay *= 2;
+  return delay < cap ? delay : cap;
+}
+
+bool sleep_unless_stopped(std::chrono::milliseconds delay, const WaitContext& ctx) {
+  short revents = 0;
+  Wait w = wait_until(-1, 0, Clock::now() + delay, ctx, revents);
+  return w != Wait::stopped;
+}
+
+common::Result<UniqueFd> connect_once(const HostPort& server, const WaitContext& ctx) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_protocol = IPPROTO_TCP;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  std::string port = std::to_string(server.port);
+  int rc = ::getaddrinfo(server.host.c_str(), port.c_str(), &hints, &found);
+  if (rc != 0) {
+    // getaddrinfo codes are negative, so they never collide with errno values.
+    if (rc == EAI_SYSTEM) return common::Error::from_errno(("getaddrinfo " + server.host).c_str());
+    return common::Error::make(rc, "getaddrinfo " + server.host + ": " + ::gai_strerror(rc));
+  }
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> list(found, &::freeaddrinfo);
+  common::Error last = common::Error::make(EHOSTUNREACH, "no address for " + server.host);
+  for (const addrinfo* ai = list.get(); ai != nullptr; ai = ai->ai_next) {
+    std::string label = server.host + ":" + port + " (" + numeric_host(ai->ai_addr, ai->ai_addrlen) + ")";
+    auto fd = connect_address(*ai, label, ctx);
+    if (fd.ok()) return std::move(fd.value());
+    if (fd.error().code == stopped_error_code && ctx.stopped()) return fd.error();
+    last = fd.error();
+  }
+  return last;
+}
+
+common::Result<UniqueFd> connect_with_retry(const HostPort& server, const RetryPolicy& policy, const WaitContext& ctx,
+                                            const ConnectFailure& on_failure) {
+  LOTTERY_ASSERT(policy.attempts >= 1);
+  for (uint32_t attempt = 1;; attempt++) {
+    if (ctx.stopped()) return stopped_error();
+    auto fd = connect_once(server, ctx);
+    if (fd.ok()) return fd;
+    if (ctx.stopped()) return stopped_error();
+    if (attempt >= policy.attempts)
+      return common::Error::make(fd.error().code, "server " + server.host + ":" + std::to_string(server.port) +
+                                                      " not reachable after " + std::to_string(attempt) +
+                                                      " attempts (last: " + fd.error().message +
+                                                      "); check that the server is up and server.address");
+    auto delay = backoff_delay(policy, attempt);
+    if (on_failure) on_failure(attempt, fd.error(), delay);
+    if (!sleep_unless_stopped(delay, ctx)) return stopped_error();
+  }
+}
+
+RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx) {
+  while (true) {
+    if (session.failed()) return {RunResult::session_failed, {}};
+    if (session.done()) return {RunResult::done, {}};
+    if (ctx.stopped()) return {RunResult::stopped, {}};
+    pollfd p{fd, POLLIN, 0};
+    if (!session.pending_output().empty()) p.events |= POLLOUT;
+    // No timeout: the server holds the winners query until the draw, and
+    // waiting for it is the point. A signal or the server ends the wait.
+    int rc = ::ppoll(&p, 1, nullptr, ctx.wait_mask);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      return {RunResult::connection_lost, common::Error::from_errno("ppoll")};
+    }
+    if (p.revents & POLLNVAL) return {RunResult::connection_lost, common::Error::make(EBADF, "socket is not open")};
+    // Replies first: a rejection the server sent just before closing explains
+    // the close, so it must be read before the close is reported.
+    if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
+      if (auto st = receive_available(fd, session); !st.ok()) {
+        if (session.failed()) continue;
+        return {RunResult::connection_lost, st.error()};
+      }
+    }
+    if (session.failed() || session.done()) continue;
+    if (p.revents & POLLOUT) {
+      if (auto st = send_pending(fd, session); !st.ok()) {
+        // The server may have said why before closing: read it if it is there.
+        (void)receive_available(fd, session);
+        if (session.failed()) continue;
+        return {RunResult::connection_lost, st.error()};
+      }
+    }
+  }
+}
+
+common::Result<uint64_t> random_producer_id() {
+  uint64_t id = 0;
+  auto* p = reinterpret_cast<unsigned char*>(&id);
+  size_t got = 0;
+  while (got < sizeof id) {
+    ssize_t n = ::getrandom(p + got, sizeof id - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return common::Error::from_errno("getrandom");
+    }
+    got += static_cast<size_t>(n);
+  }
+  return id;
+}
+
+}  // namespace lottery::client

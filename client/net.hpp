@@ -1,0 +1,103 @@
+// The client's sockets: resolve and connect with a bounded backoff, then move
+// bytes between a socket and an AgencySession with ppoll() until the session
+// ends, fails, the connection drops or a stop signal arrives.
+//
+// Signals: the caller blocks SIGTERM/SIGINT and passes the mask to wait with
+// (the same mask, signals unblocked). ppoll() swaps it in atomically, so a
+// signal that lands between "check the stop flag" and "sleep" still wakes the
+// sleep with EINTR instead of being noticed only at the next event.
+#pragma once
+
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+
+#include "client/agency_session.hpp"
+#include "client/client_config.hpp"
+#include "common/result.hpp"
+
+namespace lottery::client {
+
+// A connect that neither completes nor fails within this time (a silently
+// dropped SYN) counts as a failed attempt.
+inline constexpr std::chrono::milliseconds connect_timeout{5000};
+// Error code of any wait cut short by the stop flag.
+inline constexpr int stopped_error_code = EINTR;
+
+// Owns a file descriptor; closes it once.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : _fd(fd) {}
+  UniqueFd(UniqueFd&& other) noexcept : _fd(other.release()) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept;
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+
+  int get() const { return _fd; }
+  bool valid() const { return _fd >= 0; }
+  int release();
+  void reset();
+
+ private:
+  int _fd = -1;
+};
+
+// How every wait notices a stop request.
+struct WaitContext {
+  const std::atomic<bool>* stop = nullptr;  // set by the signal handler
+  const sigset_t* wait_mask = nullptr;      // signal mask while waiting; nullptr keeps the current one
+  bool stopped() const { return stop != nullptr && stop->load(std::memory_order_relaxed); }
+};
+
+struct RetryPolicy {
+  uint32_t attempts = default_loop_amount;
+  std::chrono::milliseconds base = default_loop_period;
+  std::chrono::milliseconds cap = loop_backoff_cap;
+};
+
+// Delay after the `failed_attempts`-th failure: base, 2*base, 4*base, ...
+// capped at max(cap, base).
+std::chrono::milliseconds backoff_delay(const RetryPolicy& policy, uint32_t failed_attempts);
+
+// Sleeps, waking early on a stop; false when stopped.
+bool sleep_unless_stopped(std::chrono::milliseconds delay, const WaitContext& ctx);
+
+// One attempt: resolves the host (every attempt, since a container name may
+// appear in DNS only once its container starts) and tries each address.
+// The socket comes back non-blocking, with TCP_NODELAY.
+common::Result<UniqueFd> connect_once(const HostPort& server, const WaitContext& ctx);
+
+using ConnectFailure =
+    std::function<void(uint32_t attempt, const common::Error& error, std::chrono::milliseconds retry_in)>;
+
+// Up to policy.attempts attempts, backing off between them; `on_failure` is
+// told of each failed attempt that will be retried. A stop request returns an
+// error with code stopped_error_code.
+common::Result<UniqueFd> connect_with_retry(const HostPort& server, const RetryPolicy& policy, const WaitContext& ctx,
+                                            const ConnectFailure& on_failure);
+
+enum class RunResult : uint8_t {
+  done,             // the session completed
+  session_failed,   // see session.failure()
+  stopped,          // the stop flag was set
+  connection_lost,  // see RunOutcome::error
+};
+
+struct RunOutcome {
+  RunResult result = RunResult::done;
+  common::Error error;
+};
+
+// Drives the session over a connected non-blocking socket. Never busy-waits:
+// with nothing to send it sleeps in ppoll() until the server answers.
+RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx);
+
+// Producer id for HELLO, from getrandom(2) (Linux 3.17+).
+common::Result<uint64_t> random_producer_id();
+
+}  // namespace lottery::client
