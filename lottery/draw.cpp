@@ -12,6 +12,7 @@ common::Result<DrawResult> run_draw(const std::string& data_dir, uint16_t winnin
   DrawResult result;
   result.winning_number = winning_number;
   result.winners.resize(size_t{agencies} + 1);
+  result.bets_per_agency.assign(size_t{agencies} + 1, 0);
   auto segments = store::list_segments(data_dir, -1);
   if (!segments) return segments.error();
   for (const std::string& path : *segments) {
@@ -32,6 +33,7 @@ common::Result<DrawResult> run_draw(const std::string& data_dir, uint16_t winnin
       }
       LOTTERY_ASSERT(p == end);
       result.bets_scanned += e.meta.bet_count;
+      if (known) result.bets_per_agency[e.meta.agency] += e.meta.bet_count;
       result.entries_scanned++;
       result.bytes_scanned += e.bets.size();
     });

@@ -15,6 +15,7 @@ struct DrawResult {
   // winners[agency] holds the documents of that agency's winning bets, in
   // store order. Index 0 is unused.
   std::vector<std::vector<std::string>> winners;
+  std::vector<uint64_t> bets_per_agency;  // index = agency
   uint64_t bets_scanned = 0;
   uint64_t entries_scanned = 0;
   uint64_t bytes_scanned = 0;

@@ -18,12 +18,27 @@ constexpr size_t reply_bytes_max = limits::frame_bytes_max;
 constexpr uint64_t today_refresh_ms = 1000;
 }  // namespace
 
-LotteryService::LotteryService(reactor::Reactor& reactor, store::Store& store, ServiceOptions options,
-                               size_t max_connections)
-    : _reactor(reactor), _store(store), _options(std::move(options)) {
+LotteryService::LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control,
+                               ServiceOptions options, size_t max_connections)
+    : _reactor(reactor),
+      _store(store),
+      _control(control),
+      _slot(control.worker(options.worker_id)),
+      _options(std::move(options)) {
   LOTTERY_ASSERT(_options.agencies >= 1 && _options.agencies <= limits::agencies_max);
+  LOTTERY_ASSERT(_options.agencies == control.agencies());
+  LOTTERY_ASSERT(_options.worker_id < control::workers_max);
   _sessions.resize(max_connections);
-  _finished.assign(size_t{_options.agencies} + 1, false);
+  // This worker's row of per-agency counts starts from what its segments hold.
+  for (uint32_t a = 0; a <= _options.agencies; a++)
+    _control.layout().bets_stored[_options.worker_id][a].store(_store.bets_stored(static_cast<uint16_t>(a)));
+  load_results_if_done();
+}
+
+size_t LotteryService::waiting_queries() const {
+  size_t n = 0;
+  for (const Session& s : _sessions) n += s.open && s.waiting_winners ? 1 : 0;
+  return n;
 }
 
 LotteryService::Session* LotteryService::session(reactor::ConnId id) {
@@ -36,6 +51,8 @@ void LotteryService::on_open(reactor::ConnId id) {
   LOTTERY_ASSERT(id.slot < _sessions.size());
   _sessions[id.slot] = Session{.open = true, .id = id};
   _counters.connections++;
+  _slot.connections_total.fetch_add(1, std::memory_order_relaxed);
+  _slot.connections_open.fetch_add(1, std::memory_order_relaxed);
   if (_shutting_down) {
     reply_error(_sessions[id.slot], proto::connection_error_type, 0, Status::shutting_down, proto::no_bet_index,
                 "server is shutting down");
@@ -46,6 +63,7 @@ void LotteryService::on_open(reactor::ConnId id) {
 void LotteryService::on_close(reactor::ConnId id, reactor::CloseReason reason) {
   Session* s = session(id);
   if (s == nullptr) return;
+  _slot.connections_open.fetch_sub(1, std::memory_order_relaxed);
   if (reason == reactor::CloseReason::input_overflow) {
     log::warning("conexion", log::Outcome::fail, {{"agencia", s->agency}, {"error", "input overflow: peer does not read its replies"}});
   }
@@ -69,6 +87,7 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
                         : check == proto::HeaderCheck::bad_flags   ? "reserved flags are not zero"
                                                                    : "frame length shorter than its header";
       _counters.protocol_errors++;
+      _slot.errors.fetch_add(1, std::memory_order_relaxed);
       log::warning("frame", log::Outcome::fail, {{"agencia", s->agency}, {"code", proto::status_name(st)}, {"reason", why}});
       reply_error(*s, proto::connection_error_type, 0, st, proto::no_bet_index, why);
       _reactor.close(id, reactor::Reactor::Flush::yes);
@@ -81,6 +100,7 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
     used += h.length;
     if (!proto::body_crc_matches(h, body)) {
       _counters.protocol_errors++;
+      _slot.errors.fetch_add(1, std::memory_order_relaxed);
       log::warning("frame", log::Outcome::fail, {{"agencia", s->agency}, {"code", "bad_checksum"}, {"seq", h.seq}});
       reply_error(*s, h.type, h.seq, Status::bad_checksum, proto::no_bet_index, "body checksum mismatch");
       _reactor.close(id, reactor::Reactor::Flush::yes);
@@ -108,6 +128,7 @@ LotteryService::Outcome LotteryService::handle_frame(Session& s, const proto::Fr
     case static_cast<uint8_t>(MsgType::winners): return handle_winners(s, h, body);
     default:
       _counters.protocol_errors++;
+      _slot.errors.fetch_add(1, std::memory_order_relaxed);
       reply_error(s, h.type, h.seq, Status::unknown_type, proto::no_bet_index, "unknown request type");
       return Outcome::close;
   }
@@ -140,10 +161,10 @@ LotteryService::Outcome LotteryService::handle_hello(Session& s, const proto::Fr
   s.producer_id = req.producer_id;
   proto::HelloAck ack;
   ack.agency = s.agency;
-  ack.finished = _finished[s.agency];
-  ack.draw_done = _draw.has_value();
+  ack.finished = _control.finished(s.agency);
+  ack.draw_done = _control.draw_state() == control::DrawState::done;
   ack.stored_seq = 0;
-  ack.bets_stored = _store.bets_stored(s.agency);
+  ack.bets_stored = _control.bets_stored(s.agency);
   log::debug("hello", log::Outcome::success, {{"agencia", s.agency}});
   std::byte* dst = _reactor.reserve_send(s.id, reply_bytes_max);
   LOTTERY_ASSERT(dst != nullptr);  // on_data checked the room
@@ -155,6 +176,7 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   proto::BatchInfo info;
   auto reject = [&](Status st, uint16_t index, const char* why) {
     _counters.batches_rejected++;
+    _slot.errors.fetch_add(1, std::memory_order_relaxed);
     log::info("apuesta_recibida", log::Outcome::fail,
               {{"cantidad", info.count}, {"agencia", s.agency}, {"seq", h.seq}, {"code", proto::status_name(st)},
                {"bet_index", index == proto::no_bet_index ? -1 : int{index}}, {"reason", why}});
@@ -166,8 +188,21 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   if (s.agency == 0) return reject(Status::not_identified, proto::no_bet_index, "send hello before bets");
   if (info.agency != s.agency)
     return reject(Status::agency_mismatch, proto::no_bet_index, "batch agency is not the connection's agency");
-  if (_draw) return reject(Status::draw_done, proto::no_bet_index, "the draw is done; no more bets");
-  if (_finished[s.agency]) return reject(Status::agency_finished, proto::no_bet_index, "this agency already finished");
+
+  // Held from before the state checks until after the commit, so closing the
+  // betting either sees this batch committed or makes us refuse it.
+  control::BatchGuard guard(_slot);
+  switch (_control.draw_state()) {
+    case control::DrawState::open: break;
+    case control::DrawState::drawing:
+      return reject(Status::betting_closed, proto::no_bet_index, "the betting is closed; the draw is running");
+    case control::DrawState::done:
+      return reject(Status::draw_done, proto::no_bet_index, "the draw is done; no more bets");
+  }
+  if (_control.closed_out(s.agency))
+    return reject(Status::betting_closed, proto::no_bet_index, "the betting was closed before this agency finished");
+  if (_control.finished(s.agency))
+    return reject(Status::agency_finished, proto::no_bet_index, "this agency already finished");
 
   // Parse straight into the mapping: copy the bets to their place in the
   // segment, validate them there, then commit or abandon the entry.
@@ -194,6 +229,9 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   _store.commit(store::EntryMeta{info.agency, info.count, s.producer_id, h.seq}, wire_bets.size());
   _counters.batches_accepted++;
   _counters.bets_accepted += info.count;
+  _slot.batches.fetch_add(1, std::memory_order_relaxed);
+  _slot.bets.fetch_add(info.count, std::memory_order_relaxed);
+  _control.layout().bets_stored[_options.worker_id][info.agency].fetch_add(info.count, std::memory_order_relaxed);
 
   // apuesta_almacenada per bet: always for a single-bet batch (the classic
   // single-bet mode), otherwise only at DEBUG.
@@ -227,22 +265,38 @@ LotteryService::Outcome LotteryService::handle_finished(Session& s, const proto:
     reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
     return Outcome::keep;
   }
-  if (_draw) {
-    reply_error(s, h.type, h.seq, Status::draw_done, proto::no_bet_index, "the draw is done");
+  // The finish mark, and the draw when this was the last agency, happen under
+  // the draw lock shared by every worker.
+  auto result = control::finish_agency(_control, agency, _options.winning_number);
+  if (!result) {
+    log::error("fin_apuestas", log::Outcome::fail, {{"agencia", agency}, {"error", result.error().message}});
+    reply_error(s, h.type, h.seq, Status::storage_error, proto::no_bet_index, "could not record the finish");
     return Outcome::keep;
   }
-  if (_finished[agency]) {
-    reply_error(s, h.type, h.seq, Status::agency_finished, proto::no_bet_index, "this agency already finished");
-    return Outcome::keep;
+  switch (result->outcome) {
+    case control::FinishOutcome::finished: break;
+    case control::FinishOutcome::already_finished:
+      reply_error(s, h.type, h.seq, Status::agency_finished, proto::no_bet_index, "this agency already finished");
+      return Outcome::keep;
+    case control::FinishOutcome::closed:
+      reply_error(s, h.type, h.seq, Status::betting_closed, proto::no_bet_index,
+                  "the betting was closed before this agency finished");
+      return Outcome::keep;
+    case control::FinishOutcome::draw_done:
+      reply_error(s, h.type, h.seq, Status::draw_done, proto::no_bet_index, "the draw is done");
+      return Outcome::keep;
   }
-  _finished[agency] = true;
-  _finished_count++;
-  uint64_t stored = _store.bets_stored(agency);
+  uint64_t stored = _control.bets_stored(agency);
   log::info("fin_apuestas", log::Outcome::success, {{"agencia", agency}, {"cantidad", stored}});
+  if (result->draw.ran) {
+    log::info("sorteo", log::Outcome::success,
+              {{"numero_ganador", _options.winning_number}, {"apuestas", result->draw.bets_scanned},
+               {"ganadores", result->draw.winners}, {"worker", _options.worker_id}});
+  }
   std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
   LOTTERY_ASSERT(out != nullptr);
   _reactor.commit_send(s.id, proto::encode_finished_ack(out, reply_bytes_max, h.seq, stored));
-  if (_finished_count == _options.agencies) run_draw();
+  if (result->draw.ran) on_draw_maybe_done();
   return Outcome::keep;
 }
 
@@ -262,7 +316,12 @@ LotteryService::Outcome LotteryService::handle_winners(Session& s, const proto::
     reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
     return Outcome::keep;
   }
-  if (!_draw) {
+  if (_control.closed_out(agency)) {
+    reply_error(s, h.type, h.seq, Status::betting_closed, proto::no_bet_index,
+                "the betting was closed before this agency finished; it took no part in the draw");
+    return Outcome::keep;
+  }
+  if (!_results && !load_results_if_done()) {
     if (s.waiting_winners) {
       reply_error(s, h.type, h.seq, Status::not_ready, proto::no_bet_index, "a winners query is already waiting");
       return Outcome::keep;
@@ -279,8 +338,9 @@ LotteryService::Outcome LotteryService::handle_winners(Session& s, const proto::
 }
 
 void LotteryService::send_winners_page(Session& s, uint32_t seq, uint32_t start) {
-  LOTTERY_ASSERT(_draw.has_value());
-  const auto& docs = _draw->winners[s.agency];
+  LOTTERY_ASSERT(_results.has_value());
+  LOTTERY_ASSERT(s.agency < _results->agencies.size());
+  const auto& docs = _results->agencies[s.agency].winners;
   std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
   if (out == nullptr) return;
   uint32_t total = static_cast<uint32_t>(docs.size());
@@ -291,25 +351,34 @@ void LotteryService::send_winners_page(Session& s, uint32_t seq, uint32_t start)
   _reactor.commit_send(s.id, page.finish(seq));
 }
 
-void LotteryService::run_draw() {
-  LOTTERY_ASSERT(!_draw.has_value());
-  // Everything acknowledged is in the page cache; the draw reads it back
-  // through its own mapping of every segment.
-  auto result = lottery::run_draw(_options.data_dir, _options.winning_number, _options.agencies);
-  if (!result) {
-    log::error("sorteo", log::Outcome::fail, {{"error", result.error().message}});
-    return;
+bool LotteryService::load_results_if_done() {
+  if (_results) return true;
+  if (_control.draw_state() != control::DrawState::done) return false;
+  auto r = read_results(_options.data_dir);
+  if (!r) {
+    log::error("resultados", log::Outcome::fail, {{"error", r.error().message}});
+    return false;
   }
-  _draw = std::move(*result);
-  log::info("sorteo", log::Outcome::success,
-            {{"numero_ganador", _draw->winning_number}, {"apuestas", _draw->bets_scanned},
-             {"ganadores", _draw->total_winners()}});
+  if (r->agencies.size() != size_t{_options.agencies} + 1) {
+    log::error("resultados", log::Outcome::fail, {{"error", "results file is for another number of agencies"}});
+    return false;
+  }
+  _results = std::move(*r);
+  log::debug("resultados", log::Outcome::success, {{"worker", _options.worker_id}, {"ganadores", _results->total_winners()}});
+  return true;
+}
+
+void LotteryService::answer_waiting() {
   for (Session& s : _sessions) {
     if (s.open && s.waiting_winners) {
       s.waiting_winners = false;
       send_winners_page(s, s.waiting_seq, s.waiting_start);
     }
   }
+}
+
+void LotteryService::on_draw_maybe_done() {
+  if (load_results_if_done()) answer_waiting();
 }
 
 void LotteryService::begin_shutdown() {

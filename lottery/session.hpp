@@ -8,8 +8,9 @@
 #include <string>
 #include <vector>
 
-#include "lottery/draw.hpp"
+#include "lottery/control.hpp"
 #include "lottery/protocol.hpp"
+#include "lottery/results.hpp"
 #include "lottery/store.hpp"
 #include "reactor/reactor.hpp"
 
@@ -19,6 +20,7 @@ struct ServiceOptions {
   uint16_t agencies = 5;
   uint16_t winning_number = 7574;
   std::string data_dir = "./data";
+  uint16_t worker_id = 0;
 };
 
 struct ServiceCounters {
@@ -31,7 +33,10 @@ struct ServiceCounters {
 
 class LotteryService final : public reactor::Handler {
  public:
-  LotteryService(reactor::Reactor& reactor, store::Store& store, ServiceOptions options, size_t max_connections);
+  // `control` is the state shared with the other workers (finished agencies,
+  // the draw); this worker's counters live in its slot there.
+  LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control, ServiceOptions options,
+                 size_t max_connections);
 
   void on_open(reactor::ConnId id) override;
   size_t on_data(reactor::ConnId id, std::span<const std::byte> data) override;
@@ -40,7 +45,11 @@ class LotteryService final : public reactor::Handler {
   // Graceful stop: waiting winners queries are answered "shutting down" and
   // every connection is closed once its replies are out.
   void begin_shutdown();
-  bool draw_done() const { return _draw.has_value(); }
+  // Called when another process may have completed the draw (the results
+  // file appeared): loads the results and answers every held winners query.
+  void on_draw_maybe_done();
+  bool draw_done() const { return _results.has_value(); }
+  size_t waiting_queries() const;
   const ServiceCounters& counters() const { return _counters; }
 
  private:
@@ -65,15 +74,16 @@ class LotteryService final : public reactor::Handler {
   void reply_error(Session& s, uint8_t request_type, uint32_t seq, proto::Status status, uint16_t bet_index,
                    std::string_view reason);
   void send_winners_page(Session& s, uint32_t seq, uint32_t start);
-  void run_draw();
+  bool load_results_if_done();
+  void answer_waiting();
 
   reactor::Reactor& _reactor;
   store::Store& _store;
+  control::Control& _control;
+  control::WorkerSlot& _slot;
   ServiceOptions _options;
   std::vector<Session> _sessions;  // by reactor slot
-  std::vector<bool> _finished;     // by agency
-  uint16_t _finished_count = 0;
-  std::optional<DrawResult> _draw;
+  std::optional<Results> _results;
   bool _shutting_down = false;
   ServiceCounters _counters;
   proto::Date _today;

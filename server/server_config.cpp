@@ -3,6 +3,10 @@
 #include <CLI/CLI.hpp>
 
 #include "common/config.hpp"
+#include <cstdio>
+#include <ctime>
+
+#include "lottery/control.hpp"
 #include "lottery/limits.hpp"
 
 namespace server {
@@ -61,6 +65,16 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
       ->check(CLI::Range(1, 1'000'000));
   app.add_option("--shutdown-grace-ms", cfg.shutdown_grace_ms, "how long SIGTERM waits for replies to drain")
       ->envname("SERVER_SHUTDOWN_GRACE_MS");
+  app.add_option("--workers", cfg.workers, "worker processes (0: one per online CPU)")
+      ->envname("SERVER_WORKERS")
+      ->check(CLI::Range(0, static_cast<int>(lottery::control::workers_max)));
+  app.add_flag("--pin-cpus", cfg.pin_cpus, "pin worker i to CPU i")->envname("SERVER_PIN_CPUS");
+  app.add_option("--close-at", cfg.close_at,
+                 "close the betting at this local time (HH:MM[:SS] today, or YYYY-MM-DDTHH:MM[:SS]) and draw "
+                 "with the agencies that finished")
+      ->envname("SERVER_CLOSE_AT");
+  app.add_option("--metrics-address", cfg.metrics_address, "serve Prometheus metrics on HOST:PORT (GET /metrics)")
+      ->envname("SERVER_METRICS_ADDRESS");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -73,7 +87,42 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
   else if (io_text == "epoll") cfg.io = IoMode::epoll;
   else if (io_text == "uring" || io_text == "io_uring") cfg.io = IoMode::uring;
   else return common::Error::make(EINVAL, "--io must be auto, epoll or uring, not " + io_text);
+  if (!cfg.close_at.empty()) {
+    if (auto t = parse_close_at(cfg.close_at); !t) return t.error();
+  }
   return cfg;
+}
+
+common::Result<int64_t> parse_close_at(const std::string& text) {
+  struct tm tm_v {};
+  time_t now = ::time(nullptr);
+  ::localtime_r(&now, &tm_v);
+  int y = 0, mo = 0, d = 0, h = 0, mi = 0, sec = 0;
+  int n = 0;
+  if (std::sscanf(text.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%n", &y, &mo, &d, &h, &mi, &sec, &n) == 6 &&
+      static_cast<size_t>(n) == text.size()) {
+  } else if (sec = 0, n = 0, std::sscanf(text.c_str(), "%4d-%2d-%2dT%2d:%2d%n", &y, &mo, &d, &h, &mi, &n) == 5 &&
+                                static_cast<size_t>(n) == text.size()) {
+  } else if (y = tm_v.tm_year + 1900, mo = tm_v.tm_mon + 1, d = tm_v.tm_mday, n = 0,
+             std::sscanf(text.c_str(), "%2d:%2d:%2d%n", &h, &mi, &sec, &n) == 3 && static_cast<size_t>(n) == text.size()) {
+  } else if (sec = 0, n = 0, std::sscanf(text.c_str(), "%2d:%2d%n", &h, &mi, &n) == 2 &&
+                                static_cast<size_t>(n) == text.size()) {
+  } else {
+    return common::Error::make(EINVAL, "--close-at must be HH:MM[:SS] or YYYY-MM-DDTHH:MM[:SS], not " + text);
+  }
+  if (mo < 1 || mo > 12 || d < 1 || d > 31 || h < 0 || h > 23 || mi < 0 || mi > 59 || sec < 0 || sec > 60)
+    return common::Error::make(EINVAL, "--close-at is not a valid local time: " + text);
+  struct tm want {};
+  want.tm_year = y - 1900;
+  want.tm_mon = mo - 1;
+  want.tm_mday = d;
+  want.tm_hour = h;
+  want.tm_min = mi;
+  want.tm_sec = sec;
+  want.tm_isdst = -1;
+  time_t t = ::mktime(&want);
+  if (t == static_cast<time_t>(-1)) return common::Error::make(EINVAL, "--close-at is not a valid local time: " + text);
+  return static_cast<int64_t>(t);
 }
 
 }  // namespace server

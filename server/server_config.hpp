@@ -24,7 +24,14 @@ struct ServerConfig {
   size_t segment_bytes = 64ull * 1024 * 1024;
   size_t max_connections = 4096;
   int shutdown_grace_ms = 5000;
+  unsigned workers = 0;  // 0: one per online CPU
+  bool pin_cpus = false;
+  std::string close_at;         // "HH:MM[:SS]" today or "YYYY-MM-DDTHH:MM[:SS]", local time; empty: never
+  std::string metrics_address;  // "HOST:PORT"; empty: no metrics endpoint
 };
+
+// Seconds since the epoch of a --close-at value, or an error.
+common::Result<int64_t> parse_close_at(const std::string& text);
 
 // Parses argv (and the environment, and the config file). Returns the exit
 // code to use in `exit_code` when the process should stop (e.g. --help).

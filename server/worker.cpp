@@ -1,0 +1,190 @@
+#include "server/worker.hpp"
+
+#include <sched.h>
+#include <signal.h>
+#include <sys/inotify.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <functional>
+
+#include "common/log.hpp"
+#include "lottery/control.hpp"
+#include "lottery/results.hpp"
+#include "lottery/session.hpp"
+#include "lottery/store.hpp"
+#include "reactor/net.hpp"
+#include "reactor/reactor.hpp"
+
+namespace server {
+
+namespace log = common::log;
+
+namespace {
+
+constexpr uint64_t draw_recheck_ms = 1000;
+
+volatile sig_atomic_t g_stop_signal = 0;
+std::atomic<reactor::Reactor*> g_reactor{nullptr};
+
+void on_stop_signal(int sig) {
+  // Only set a flag and wake the loop; the loop does the work.
+  g_stop_signal = sig;
+  if (reactor::Reactor* r = g_reactor.load(std::memory_order_relaxed)) r->wake();
+}
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigaction(SIGCHLD, &dfl, nullptr);
+  sigaction(SIGHUP, &dfl, nullptr);
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  sigaction(SIGPIPE, &ignore, nullptr);
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, nullptr);
+}
+
+common::Result<std::unique_ptr<reactor::Reactor>> make_reactor(IoMode mode, size_t max_connections,
+                                                               unsigned worker_id) {
+  reactor::Options opts{.max_connections = max_connections};
+  if (mode == IoMode::epoll) return reactor::Reactor::create(reactor::BackendKind::epoll, opts);
+  auto uring = reactor::Reactor::create(reactor::BackendKind::uring, opts);
+  if (uring || mode == IoMode::uring) return uring;
+  log::warning("io_backend", log::Outcome::fail,
+               {{"worker", worker_id}, {"backend", "io_uring"}, {"error", uring.error().message},
+                {"fallback", "epoll"}});
+  return reactor::Reactor::create(reactor::BackendKind::epoll, opts);
+}
+
+int fail(unsigned worker_id, const char* action, const std::string& message) {
+  log::error(action, log::Outcome::fail, {{"worker", worker_id}, {"error", message}});
+  return 1;
+}
+
+}  // namespace
+
+int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
+  // Die with the master rather than outlive it holding the port.
+  ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (::getppid() != master_pid) return 1;
+  // Descriptors inherited from the master (its reactor, the metrics socket,
+  // other workers' leftovers) are not ours.
+  ::close_range(3, ~0u, 0);
+  log::init(cfg.log_level);
+  install_signal_handlers();
+  if (cfg.pin_cpus) {
+    long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(static_cast<int>(worker_id % static_cast<unsigned>(cpus > 0 ? cpus : 1)), &set);
+    if (::sched_setaffinity(0, sizeof set, &set) < 0)
+      log::warning("pin_cpu", log::Outcome::fail, {{"worker", worker_id}, {"error", std::strerror(errno)}});
+  }
+
+  auto control = lottery::control::Control::open(cfg.data_dir, cfg.agencies,
+                                                 lottery::control::Control::Mode::open_existing);
+  if (!control) return fail(worker_id, "control_open", control.error().message);
+  lottery::control::WorkerSlot& slot = (*control)->worker(worker_id);
+
+  auto store = lottery::store::Store::open({cfg.data_dir, static_cast<uint16_t>(worker_id), cfg.segment_bytes});
+  if (!store) return fail(worker_id, "store_open", store.error().message);
+  for (const std::string& dropped : (*store)->recovery().dropped)
+    log::warning("store_recovery", log::Outcome::success, {{"worker", worker_id}, {"dropped", dropped}});
+  log::info("store_open", log::Outcome::success,
+            {{"worker", worker_id}, {"segments", (*store)->recovery().segments},
+             {"entries", (*store)->total_entries()}, {"bets", (*store)->total_bets()}});
+
+  auto reactor_result = make_reactor(cfg.io, cfg.max_connections, worker_id);
+  if (!reactor_result) return fail(worker_id, "io_backend", reactor_result.error().message);
+  reactor::Reactor& loop = **reactor_result;
+  log::info("io_backend", log::Outcome::success, {{"worker", worker_id}, {"backend", loop.backend_name()}});
+
+  auto listener = reactor::net::listen_tcp(cfg.ip, cfg.port, cfg.listen_backlog, reactor::net::ReusePort::yes);
+  if (!listener) return fail(worker_id, "listen", listener.error().message);
+  if (auto st = loop.add_listener(*listener); !st) return fail(worker_id, "listen", st.error().message);
+
+  lottery::LotteryService service(loop, **store, **control,
+                                  {cfg.agencies, cfg.winning_number, cfg.data_dir, static_cast<uint16_t>(worker_id)},
+                                  cfg.max_connections);
+  loop.set_handler(&service);
+  g_reactor.store(&loop);
+
+  // The draw may complete in another process (another worker, the master on
+  // --close-at, lotteryctl close). Its last step renames the results file
+  // into place; inotify tells us at once, with no polling.
+  int inotify_fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  if (inotify_fd < 0) return fail(worker_id, "inotify_init1", std::strerror(errno));
+  if (::inotify_add_watch(inotify_fd, cfg.data_dir.c_str(), IN_MOVED_TO | IN_CLOSE_WRITE | IN_ATTRIB) < 0)
+    return fail(worker_id, "inotify_add_watch", std::strerror(errno) + std::string(" on ") + cfg.data_dir);
+  (void)loop.watch_fd(inotify_fd, [&] {
+    alignas(inotify_event) char buf[4096];
+    bool results = false;
+    ssize_t n;
+    while ((n = ::read(inotify_fd, buf, sizeof buf)) > 0) {
+      for (char* p = buf; p < buf + n;) {
+        auto* ev = reinterpret_cast<inotify_event*>(p);
+        if (ev->len > 0 && std::strcmp(ev->name, lottery::results_file_name) == 0) results = true;
+        p += sizeof(inotify_event) + ev->len;
+      }
+    }
+    if (results) service.on_draw_maybe_done();
+  });
+
+  // Belt and braces for file systems where inotify says nothing (some network
+  // and overlay mounts): while queries wait, look at the draw state each second.
+  std::function<void()> recheck;
+  recheck = [&] {
+    if (service.waiting_queries() > 0) service.on_draw_maybe_done();
+    loop.add_timer(draw_recheck_ms, recheck);
+  };
+  loop.add_timer(draw_recheck_ms, recheck);
+
+  slot.writing.store(0);
+  slot.pid.store(static_cast<uint64_t>(::getpid()));
+  slot.alive.store(1);
+  log::info("worker_ready", log::Outcome::success, {{"worker", worker_id}, {"pid", ::getpid()}});
+
+  bool shutting_down = false;
+  uint64_t shutdown_deadline = 0;
+  std::function<void()> check_drained;
+  check_drained = [&] {
+    if (loop.slots_in_use() == 0 || reactor::Reactor::now_ms() >= shutdown_deadline) {
+      loop.stop();
+      return;
+    }
+    loop.add_timer(10, check_drained);
+  };
+  loop.set_wake_callback([&] {
+    if (g_stop_signal == 0 || shutting_down) return;
+    shutting_down = true;
+    log::info("shutdown", log::Outcome::in_progress, {{"worker", worker_id}, {"signal", strsignal(g_stop_signal)}});
+    loop.stop_accepting();
+    log::info("listener_closed", log::Outcome::success, {{"worker", worker_id}});
+    service.begin_shutdown();
+    shutdown_deadline = reactor::Reactor::now_ms() + static_cast<uint64_t>(cfg.shutdown_grace_ms);
+    check_drained();
+  });
+  if (g_stop_signal != 0) loop.wake();  // a signal that came before the loop existed
+
+  loop.run();
+  g_reactor.store(nullptr);
+  log::info("connections_closed", log::Outcome::success,
+            {{"worker", worker_id}, {"accepted", loop.stats().accepted}, {"still_open", loop.connection_count()}});
+  if (auto st = (*store)->close(); !st) return fail(worker_id, "store_close", st.error().message);
+  log::info("store_closed", log::Outcome::success, {{"worker", worker_id}, {"bets", (*store)->total_bets()}});
+  slot.alive.store(0);
+  ::close(inotify_fd);
+  log::info("worker_exit", log::Outcome::success, {{"worker", worker_id}, {"code", 0}});
+  return 0;
+}
+
+}  // namespace server

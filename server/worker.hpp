@@ -1,0 +1,14 @@
+// A worker process: its own listening socket (SO_REUSEPORT), reactor, store
+// segments and lottery service. Shares nothing on the hot path with the other
+// workers; finishing and the draw go through the control file and its lock.
+#pragma once
+
+#include "server/server_config.hpp"
+
+namespace server {
+
+// Runs worker `worker_id` until SIGTERM/SIGINT. Called in the child right
+// after fork; returns the process exit code.
+int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid);
+
+}  // namespace server
