@@ -219,11 +219,15 @@ common::Result<FinishResult> finish_agency(Control& control, uint32_t agency, ui
   if (!lock) return lock.error();
   FinishResult r;
   DrawState state = control.draw_state();
+  if (control.closed_out(agency)) {
+    r.outcome = FinishOutcome::closed;
+    return r;
+  }
   if (state == DrawState::done) {
     r.outcome = FinishOutcome::draw_done;
     return r;
   }
-  if (state == DrawState::drawing || control.closed_out(agency)) {
+  if (state == DrawState::drawing) {
     r.outcome = FinishOutcome::closed;
     return r;
   }

@@ -372,7 +372,7 @@ size_t encode_hello_ack(std::byte* dst, size_t capacity, uint32_t seq, const Hel
   store_le<uint16_t>(b + 2, ack.agency);
   uint16_t flags = static_cast<uint16_t>((ack.finished ? 1 : 0) | (ack.draw_done ? 2 : 0));
   store_le<uint16_t>(b + 4, flags);
-  store_le<uint16_t>(b + 6, 0);
+  store_le<uint16_t>(b + 6, ack.worker);
   store_le<uint64_t>(b + 8, ack.stored_seq);
   store_le<uint64_t>(b + 16, ack.bets_stored);
   return finish_frame(dst, body, static_cast<uint8_t>(MsgType::hello) | reply_bit, seq);
@@ -456,6 +456,7 @@ bool decode_hello_ack(const Reply& r, HelloAck& out) {
   uint16_t flags = load_le<uint16_t>(b + 2);
   out.finished = flags & 1;
   out.draw_done = flags & 2;
+  out.worker = load_le<uint16_t>(b + 4);
   out.stored_seq = load_le<uint64_t>(b + 6);
   out.bets_stored = load_le<uint64_t>(b + 14);
   return true;

@@ -199,6 +199,7 @@ struct HelloAck {
   bool draw_done = false;
   uint64_t stored_seq = 0;    // highest batch seq stored for this producer
   uint64_t bets_stored = 0;   // bets stored for this agency so far
+  uint16_t worker = 0;        // the server worker serving this connection (diagnostics)
 };
 
 size_t encode_error_reply(std::byte* dst, size_t capacity, uint8_t request_type, uint32_t seq, Status status,

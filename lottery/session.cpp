@@ -165,6 +165,7 @@ LotteryService::Outcome LotteryService::handle_hello(Session& s, const proto::Fr
   ack.draw_done = _control.draw_state() == control::DrawState::done;
   ack.stored_seq = 0;
   ack.bets_stored = _control.bets_stored(s.agency);
+  ack.worker = _options.worker_id;
   log::debug("hello", log::Outcome::success, {{"agencia", s.agency}});
   std::byte* dst = _reactor.reserve_send(s.id, reply_bytes_max);
   LOTTERY_ASSERT(dst != nullptr);  // on_data checked the room
@@ -192,6 +193,8 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   // Held from before the state checks until after the commit, so closing the
   // betting either sees this batch committed or makes us refuse it.
   control::BatchGuard guard(_slot);
+  if (_control.closed_out(s.agency))
+    return reject(Status::betting_closed, proto::no_bet_index, "the betting was closed before this agency finished");
   switch (_control.draw_state()) {
     case control::DrawState::open: break;
     case control::DrawState::drawing:
@@ -199,8 +202,6 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
     case control::DrawState::done:
       return reject(Status::draw_done, proto::no_bet_index, "the draw is done; no more bets");
   }
-  if (_control.closed_out(s.agency))
-    return reject(Status::betting_closed, proto::no_bet_index, "the betting was closed before this agency finished");
   if (_control.finished(s.agency))
     return reject(Status::agency_finished, proto::no_bet_index, "this agency already finished");
 

@@ -49,6 +49,9 @@ for i in $(seq 1 "$AGENCIES"); do
 done
 grep -h "action: sorteo" "$RUN/logs/server.log" || STATUS=1
 
+echo "== lotteryctl status (while the server still runs)"
+"$BIN_DIR/lotteryctl" --data-dir "$RUN/data" status || STATUS=1
+
 echo "== stopping the server (SIGTERM)"
 kill -TERM "$SERVER_PID"
 wait "$SERVER_PID" && echo "   server exited 0" || { echo "   server exited $?"; STATUS=1; }

@@ -97,9 +97,9 @@ class Reply:
         return total, start, docs
 
     def hello_ack(self):
-        agency, flags, _, stored_seq, bets = struct.unpack_from("<HHHQQ", self.body, 2)
+        agency, flags, worker, stored_seq, bets = struct.unpack_from("<HHHQQ", self.body, 2)
         return {"agency": agency, "finished": bool(flags & 1), "draw_done": bool(flags & 2),
-                "stored_seq": stored_seq, "bets_stored": bets}
+                "stored_seq": stored_seq, "bets_stored": bets, "worker": worker}
 
     def __repr__(self):
         return f"Reply(type={self.type:#x}, seq={self.seq}, status={self.status}, reason={self.reason})"
