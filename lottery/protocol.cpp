@@ -31,6 +31,8 @@ const char* status_name(Status s) {
     case Status::draw_done: return "draw_done";
     case Status::not_ready: return "not_ready";
     case Status::betting_closed: return "betting_closed";
+    case Status::sequence_gap: return "sequence_gap";
+    case Status::producer_busy: return "producer_busy";
     case Status::storage_error: return "storage_error";
     case Status::storage_full: return "storage_full";
     case Status::shutting_down: return "shutting_down";
@@ -365,7 +367,7 @@ size_t encode_error_reply(std::byte* dst, size_t capacity, uint8_t request_type,
 }
 
 size_t encode_hello_ack(std::byte* dst, size_t capacity, uint32_t seq, const HelloAck& ack) {
-  constexpr size_t body = 2 + 2 + 2 + 2 + 8 + 8;
+  constexpr size_t body = 2 + 2 + 2 + 2 + 8 + 8 + 8;
   if (capacity < limits::frame_header_bytes + body) return 0;
   std::byte* b = dst + limits::frame_header_bytes;
   store_le<uint16_t>(b, 0);
@@ -374,7 +376,8 @@ size_t encode_hello_ack(std::byte* dst, size_t capacity, uint32_t seq, const Hel
   store_le<uint16_t>(b + 4, flags);
   store_le<uint16_t>(b + 6, ack.worker);
   store_le<uint64_t>(b + 8, ack.stored_seq);
-  store_le<uint64_t>(b + 16, ack.bets_stored);
+  store_le<uint64_t>(b + 16, ack.producer_bets);
+  store_le<uint64_t>(b + 24, ack.bets_stored);
   return finish_frame(dst, body, static_cast<uint8_t>(MsgType::hello) | reply_bit, seq);
 }
 
@@ -450,7 +453,7 @@ bool decode_reply(Bytes frame, Reply& out) {
 }
 
 bool decode_hello_ack(const Reply& r, HelloAck& out) {
-  if (r.status != Status::ok || r.payload.size() != 22) return false;
+  if (r.status != Status::ok || r.payload.size() != 30) return false;
   const std::byte* b = r.payload.data();
   out.agency = load_le<uint16_t>(b);
   uint16_t flags = load_le<uint16_t>(b + 2);
@@ -458,7 +461,8 @@ bool decode_hello_ack(const Reply& r, HelloAck& out) {
   out.draw_done = flags & 2;
   out.worker = load_le<uint16_t>(b + 4);
   out.stored_seq = load_le<uint64_t>(b + 6);
-  out.bets_stored = load_le<uint64_t>(b + 14);
+  out.producer_bets = load_le<uint64_t>(b + 14);
+  out.bets_stored = load_le<uint64_t>(b + 22);
   return true;
 }
 

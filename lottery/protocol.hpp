@@ -54,6 +54,8 @@ enum class Status : uint16_t {
   draw_done = 23,        // bets or finished after the draw
   not_ready = 24,        // winners asked before the draw (non-waiting query)
   betting_closed = 25,
+  sequence_gap = 26,   // a batch seq that is not the producer's next (stored seqs stay a prefix)
+  producer_busy = 27,  // another connection holds this producer's stream; retry shortly
   // server
   storage_error = 30,
   storage_full = 31,
@@ -197,9 +199,13 @@ struct HelloAck {
   uint16_t agency = 0;
   bool finished = false;
   bool draw_done = false;
-  uint64_t stored_seq = 0;    // highest batch seq stored for this producer
-  uint64_t bets_stored = 0;   // bets stored for this agency so far
-  uint16_t worker = 0;        // the server worker serving this connection (diagnostics)
+  uint16_t worker = 0;          // the server worker serving this connection (diagnostics)
+  // The producer's stream as stored: batches 1..stored_seq (always a prefix)
+  // holding producer_bets bets. A resuming client skips that many bets and
+  // continues with seq stored_seq + 1.
+  uint64_t stored_seq = 0;
+  uint64_t producer_bets = 0;
+  uint64_t bets_stored = 0;     // bets stored for the whole agency, every producer
 };
 
 size_t encode_error_reply(std::byte* dst, size_t capacity, uint8_t request_type, uint32_t seq, Status status,

@@ -14,7 +14,7 @@ STATUS = {
     10: "invalid_agency", 11: "invalid_name", 12: "invalid_document", 13: "invalid_birthdate",
     14: "invalid_number", 15: "too_many_bets", 20: "not_identified", 21: "agency_mismatch",
     22: "agency_finished", 23: "draw_done", 24: "not_ready", 25: "betting_closed", 30: "storage_error",
-    31: "storage_full", 32: "shutting_down", 33: "too_many_connections",
+    31: "storage_full", 32: "shutting_down", 33: "too_many_connections", 26: "sequence_gap", 27: "producer_busy",
 }
 
 
@@ -97,9 +97,9 @@ class Reply:
         return total, start, docs
 
     def hello_ack(self):
-        agency, flags, worker, stored_seq, bets = struct.unpack_from("<HHHQQ", self.body, 2)
+        agency, flags, worker, stored_seq, producer_bets, bets = struct.unpack_from("<HHHQQQ", self.body, 2)
         return {"agency": agency, "finished": bool(flags & 1), "draw_done": bool(flags & 2),
-                "stored_seq": stored_seq, "bets_stored": bets, "worker": worker}
+                "stored_seq": stored_seq, "producer_bets": producer_bets, "bets_stored": bets, "worker": worker}
 
     def __repr__(self):
         return f"Reply(type={self.type:#x}, seq={self.seq}, status={self.status}, reason={self.reason})"

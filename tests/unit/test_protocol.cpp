@@ -136,7 +136,13 @@ TEST(Protocol, ReplyRoundTrips) {
   EXPECT_EQ(r.reason, "document is empty");
   EXPECT_EQ(r.header.seq, 12u);
 
-  HelloAck ack{3, true, false, 99, 1000};
+  HelloAck ack;
+  ack.agency = 3;
+  ack.finished = true;
+  ack.stored_seq = 99;
+  ack.producer_bets = 500;
+  ack.bets_stored = 1000;
+  ack.worker = 2;
   n = encode_hello_ack(buf.data(), buf.size(), 1, ack);
   ASSERT_TRUE(decode_reply(Bytes(buf).first(n), r));
   HelloAck got;
@@ -145,6 +151,8 @@ TEST(Protocol, ReplyRoundTrips) {
   EXPECT_TRUE(got.finished);
   EXPECT_FALSE(got.draw_done);
   EXPECT_EQ(got.stored_seq, 99u);
+  EXPECT_EQ(got.producer_bets, 500u);
+  EXPECT_EQ(got.worker, 2);
   EXPECT_EQ(got.bets_stored, 1000u);
 
   WinnersReplyBuilder w(buf.data(), buf.size(), 3, 0);
