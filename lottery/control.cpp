@@ -17,10 +17,20 @@
 #include "common/log.hpp"
 #include "lottery/draw.hpp"
 #include "lottery/results.hpp"
+#include "lottery/store.hpp"
+
+#include <tuple>
+#include <unordered_set>
 
 namespace lottery::control {
 
 using common::Error;
+
+struct EntryIdHash {
+  size_t operator()(const std::tuple<uint32_t, uint64_t, uint64_t>& t) const {
+    return std::hash<uint64_t>()(std::get<1>(t) * 31 + std::get<2>(t) * 1000003 + std::get<0>(t));
+  }
+};
 namespace log = common::log;
 
 namespace {
@@ -275,6 +285,139 @@ common::Result<DrawOutcome> resume_draw_if_due(Control& control, uint16_t winnin
   // A draw that was interrupted (state "drawing"), or that became due while
   // nobody drew, runs now.
   return draw_locked(control, winning_number);
+}
+
+}  // namespace lottery::control
+
+// ---------------------------------------------------------------- producers
+
+namespace lottery::control {
+
+using common::Error;
+namespace log = common::log;
+
+uint64_t producer_key(uint32_t agency, uint64_t producer_id) {
+  // splitmix64 finaliser over both fields; never 0 (0 marks a free slot).
+  uint64_t z = producer_id ^ (uint64_t{agency} * 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return z | 1;
+}
+
+ProducerSlot* find_or_insert_producer(Control& control, uint32_t agency, uint64_t producer_id) {
+  uint64_t key = producer_key(agency, producer_id);
+  ProducerSlot* table = control.layout().producers;
+  for (size_t probe = 0; probe < producers_max; probe++) {
+    ProducerSlot& slot = table[(key + probe) % producers_max];
+    uint64_t seen = slot.key.load(std::memory_order_acquire);
+    if (seen == key) return &slot;
+    if (seen != 0) continue;
+    uint64_t expected = 0;
+    if (slot.key.compare_exchange_strong(expected, key, std::memory_order_acq_rel)) {
+      slot.producer_id.store(producer_id);
+      slot.agency.store(agency);
+      return &slot;
+    }
+    if (expected == key) return &slot;  // another process claimed it for the same producer
+  }
+  return nullptr;
+}
+
+size_t producer_index(const Control& control, const ProducerSlot* slot) {
+  return static_cast<size_t>(slot - control.layout().producers);
+}
+
+common::Result<std::unique_ptr<ProducerLocks>> ProducerLocks::open(const std::string& data_dir) {
+  std::string path = data_dir + "/" + producers_lock_file_name;
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return Error::from_errno(("open " + path).c_str());
+  return std::unique_ptr<ProducerLocks>(new ProducerLocks(fd));
+}
+
+ProducerLocks::~ProducerLocks() { ::close(_fd); }
+
+bool ProducerLocks::try_lock(size_t index) {
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(index);
+  fl.l_len = 1;
+  // F_OFD_SETLK (Linux 3.15): owned by this open file description, so it is
+  // released when the process dies and is not shared with forked children.
+  return ::fcntl(_fd, F_OFD_SETLK, &fl) == 0;
+}
+
+void ProducerLocks::unlock(size_t index) {
+  struct flock fl {};
+  fl.l_type = F_UNLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(index);
+  fl.l_len = 1;
+  ::fcntl(_fd, F_OFD_SETLK, &fl);
+}
+
+common::Status resolve_pending(Control& control, ProducerSlot& slot) {
+  uint32_t pending_worker = slot.pending_worker.load(std::memory_order_seq_cst);
+  if (pending_worker == 0) return common::ok_status();
+  uint64_t seq = slot.pending_seq.load();
+  auto segments = store::list_segments(control.data_dir(), static_cast<int>(pending_worker - 1));
+  if (!segments) return segments.error();
+  bool landed = false;
+  if (!segments->empty()) {
+    auto scanned = store::scan_segment(segments->back(), [&](const store::EntryView& e) {
+      if (e.meta.agency == slot.agency.load() && e.meta.producer_id == slot.producer_id.load() &&
+          e.meta.sequence == seq)
+        landed = true;
+    });
+    if (!scanned) return scanned.error();
+  }
+  if (landed && seq == slot.last_seq.load() + 1) {
+    slot.bets.fetch_add(slot.pending_bets.load());
+    slot.last_seq.store(seq);
+  }
+  log::warning("productor_pendiente", landed ? log::Outcome::success : log::Outcome::fail,
+               {{"agencia", slot.agency.load()}, {"seq", seq}, {"worker", pending_worker - 1},
+                {"almacenado", landed ? "si" : "no"}});
+  slot.pending_seq.store(0);
+  slot.pending_bets.store(0);
+  slot.pending_worker.store(0, std::memory_order_seq_cst);
+  return common::ok_status();
+}
+
+common::Result<uint64_t> rebuild_producers(Control& control) {
+  ProducerSlot* table = control.layout().producers;
+  for (size_t i = 0; i < producers_max; i++) {
+    table[i].key.store(0);
+    table[i].producer_id.store(0);
+    table[i].agency.store(0);
+    table[i].pending_worker.store(0);
+    table[i].last_seq.store(0);
+    table[i].bets.store(0);
+    table[i].pending_seq.store(0);
+    table[i].pending_bets.store(0);
+  }
+  auto segments = store::list_segments(control.data_dir(), -1);
+  if (!segments) return segments.error();
+  // Stored seqs of one producer may sit in several workers' segments, in any
+  // file order; the set catches a batch stored twice.
+  std::unordered_set<std::tuple<uint32_t, uint64_t, uint64_t>, EntryIdHash> seen;
+  uint64_t duplicates = 0;
+  for (const std::string& path : *segments) {
+    auto scanned = store::scan_segment(path, [&](const store::EntryView& e) {
+      if (!seen.emplace(e.meta.agency, e.meta.producer_id, e.meta.sequence).second) {
+        duplicates++;
+        return;
+      }
+      ProducerSlot* slot = find_or_insert_producer(control, e.meta.agency, e.meta.producer_id);
+      if (slot == nullptr) return;
+      slot->bets.fetch_add(e.meta.bet_count);
+      if (e.meta.sequence > slot->last_seq.load()) slot->last_seq.store(e.meta.sequence);
+    });
+    if (!scanned) return scanned.error();
+  }
+  if (auto st = control.sync(); !st) return st.error();
+  return duplicates;
 }
 
 }  // namespace lottery::control

@@ -31,6 +31,9 @@ inline constexpr uint32_t control_format_version = 1;
 inline constexpr size_t workers_max = 64;
 inline constexpr const char* control_file_name = "control.lctl";
 inline constexpr const char* lock_file_name = "draw.lock";
+inline constexpr const char* producers_lock_file_name = "producers.lock";
+// Producer streams tracked at once (open addressing; 1 MiB of control file).
+inline constexpr size_t producers_max = 16384;
 
 enum class DrawState : uint32_t {
   open = 0,     // betting open, no draw yet
@@ -50,6 +53,8 @@ struct alignas(64) WorkerSlot {
   std::atomic<uint64_t> batches;
   std::atomic<uint64_t> bets;
   std::atomic<uint64_t> errors;  // rejected batches and protocol errors
+  std::atomic<uint64_t> syncs;   // msyncs of the store (durability group/always)
+  std::atomic<uint64_t> duplicates;  // resent batches acknowledged without storing
   alignas(64) std::atomic<uint32_t> writing;  // 1 while committing a batch
   std::atomic<uint32_t> alive;
 };
@@ -59,6 +64,25 @@ struct AgencySlot {
   std::atomic<uint32_t> closed_out;  // did not finish before the operator closed the betting
   std::atomic<uint64_t> finished_unix_ms;
 };
+
+// One producer's stream (see docs/PROTOCOL.md, "Exactly once"): stored seqs
+// are the prefix 1..last_seq. Only the worker holding the producer's lock
+// (an OFD lock on byte <index> of producers.lock) writes it. pending_* mark a
+// batch being committed, so that if the holder dies mid-commit the next
+// holder can tell, from the dead worker's newest segment, whether it landed.
+struct alignas(64) ProducerSlot {
+  std::atomic<uint64_t> key;  // 0: free; else producer_key(agency, producer_id)
+  std::atomic<uint64_t> producer_id;
+  std::atomic<uint32_t> agency;
+  std::atomic<uint32_t> pending_worker;  // worker id + 1 while committing, else 0
+  std::atomic<uint64_t> last_seq;
+  std::atomic<uint64_t> bets;
+  std::atomic<uint64_t> pending_seq;
+  std::atomic<uint64_t> pending_bets;
+};
+static_assert(sizeof(ProducerSlot) == 64);
+
+uint64_t producer_key(uint32_t agency, uint64_t producer_id);
 
 // The fixed part of the file. Counters are mutated in place by several
 // processes, so they carry no checksum; the geometry fields, written once at
@@ -79,6 +103,7 @@ struct ControlLayout {
   AgencySlot agencies_slots[limits::agencies_max + 1];
   // bets_stored[worker][agency]: each row written only by its worker.
   std::atomic<uint64_t> bets_stored[workers_max][limits::agencies_max + 1];
+  ProducerSlot producers[producers_max];
 };
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory atomics must be lock-free");
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
@@ -127,6 +152,38 @@ class DrawLock {
   explicit DrawLock(int fd) : _fd(fd) {}
   int _fd;
 };
+
+// The producer's slot, claimed if new (lock-free: a CAS on the key). nullptr
+// when the table is full.
+ProducerSlot* find_or_insert_producer(Control& control, uint32_t agency, uint64_t producer_id);
+size_t producer_index(const Control& control, const ProducerSlot* slot);
+
+// Per-process OFD (open file description) locks on producers.lock, one byte
+// per producer slot. The kernel drops them when the process dies, so a
+// killed worker never leaves a producer locked.
+class ProducerLocks {
+ public:
+  static common::Result<std::unique_ptr<ProducerLocks>> open(const std::string& data_dir);
+  ~ProducerLocks();
+  ProducerLocks(const ProducerLocks&) = delete;
+  ProducerLocks& operator=(const ProducerLocks&) = delete;
+  bool try_lock(size_t index);
+  void unlock(size_t index);
+
+ private:
+  explicit ProducerLocks(int fd) : _fd(fd) {}
+  int _fd;
+};
+
+// Settles a commit that a dead holder left pending: if the dead worker's
+// newest segment holds the pending batch, it counts as stored. The caller
+// holds the producer's lock.
+common::Status resolve_pending(Control& control, ProducerSlot& slot);
+
+// Rebuilds every producer's state from the segments (at server start, before
+// any worker runs). Returns the number of duplicate entries found (0 unless a
+// bug or a manual copy put the same batch twice in the store).
+common::Result<uint64_t> rebuild_producers(Control& control);
 
 // Marks a worker as committing a batch. A worker sets it, then checks that
 // betting is still open; the closer sets the draw state, then waits for every

@@ -1,5 +1,8 @@
 #include "lottery/draw.hpp"
 
+#include <tuple>
+#include <unordered_set>
+
 #include "common/assert.hpp"
 #include "lottery/limits.hpp"
 #include "lottery/protocol.hpp"
@@ -15,8 +18,20 @@ common::Result<DrawResult> run_draw(const std::string& data_dir, uint16_t winnin
   result.bets_per_agency.assign(size_t{agencies} + 1, 0);
   auto segments = store::list_segments(data_dir, -1);
   if (!segments) return segments.error();
+  // Defence in depth: the exactly-once protocol keeps duplicates out of the
+  // store, and the draw would not count one twice anyway.
+  struct IdHash {
+    size_t operator()(const std::tuple<uint16_t, uint64_t, uint64_t>& t) const {
+      return std::hash<uint64_t>()(std::get<1>(t) * 1000003u ^ std::get<2>(t) * 31u ^ std::get<0>(t));
+    }
+  };
+  std::unordered_set<std::tuple<uint16_t, uint64_t, uint64_t>, IdHash> seen;
   for (const std::string& path : *segments) {
     auto scanned = store::scan_segment(path, [&](const store::EntryView& e) {
+      if (!seen.emplace(e.meta.agency, e.meta.producer_id, e.meta.sequence).second) {
+        result.duplicates_skipped++;
+        return;
+      }
       // The scanner verified the checksum and the bet count, so the bets are
       // walked with the unchecked fast path: number, then skip.
       const std::byte* p = e.bets.data();

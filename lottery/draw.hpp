@@ -20,6 +20,8 @@ struct DrawResult {
   uint64_t entries_scanned = 0;
   uint64_t bytes_scanned = 0;
   uint64_t segments_scanned = 0;
+  // Entries whose (agency, producer, seq) was already seen: counted once.
+  uint64_t duplicates_skipped = 0;
 
   uint64_t total_winners() const {
     uint64_t n = 0;

@@ -19,16 +19,20 @@ constexpr uint64_t today_refresh_ms = 1000;
 }  // namespace
 
 LotteryService::LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control,
-                               ServiceOptions options, size_t max_connections)
+                               control::ProducerLocks& producer_locks, ServiceOptions options,
+                               size_t max_connections)
     : _reactor(reactor),
       _store(store),
       _control(control),
+      _producer_locks(producer_locks),
       _slot(control.worker(options.worker_id)),
       _options(std::move(options)) {
   LOTTERY_ASSERT(_options.agencies >= 1 && _options.agencies <= limits::agencies_max);
   LOTTERY_ASSERT(_options.agencies == control.agencies());
   LOTTERY_ASSERT(_options.worker_id < control::workers_max);
+  LOTTERY_ASSERT(_options.group_batches_max >= 1);
   _sessions.resize(max_connections);
+  _pending_acks.reserve(_options.group_batches_max);
   // This worker's row of per-agency counts starts from what its segments hold.
   for (uint32_t a = 0; a <= _options.agencies; a++)
     _control.layout().bets_stored[_options.worker_id][a].store(_store.bets_stored(static_cast<uint16_t>(a)));
@@ -63,6 +67,7 @@ void LotteryService::on_open(reactor::ConnId id) {
 void LotteryService::on_close(reactor::ConnId id, reactor::CloseReason reason) {
   Session* s = session(id);
   if (s == nullptr) return;
+  release_producer(*s);
   _slot.connections_open.fetch_sub(1, std::memory_order_relaxed);
   if (reason == reactor::CloseReason::input_overflow) {
     log::warning("conexion", log::Outcome::fail, {{"agencia", s->agency}, {"error", "input overflow: peer does not read its replies"}});
@@ -157,13 +162,38 @@ LotteryService::Outcome LotteryService::handle_hello(Session& s, const proto::Fr
                 "connection already identified as another agency");
     return Outcome::close;
   }
+  if (s.producer >= 0 && s.producer_id != req.producer_id) release_producer(s);
+  if (s.producer < 0) {
+    control::ProducerSlot* slot = control::find_or_insert_producer(_control, req.agency, req.producer_id);
+    if (slot == nullptr) {
+      reply_error(s, h.type, h.seq, Status::storage_error, proto::no_bet_index, "producer table is full");
+      return Outcome::keep;
+    }
+    size_t index = control::producer_index(_control, slot);
+    // One connection at a time owns a producer's stream: in this worker (the
+    // OFD lock does not exclude ourselves) and across workers (it does).
+    bool held_here = false;
+    for (const Session& other : _sessions)
+      if (other.open && other.producer == static_cast<int64_t>(index)) held_here = true;
+    if (held_here || !_producer_locks.try_lock(index)) {
+      reply_error(s, h.type, h.seq, Status::producer_busy, proto::no_bet_index,
+                  "another connection holds this producer's stream; retry shortly");
+      return Outcome::keep;
+    }
+    s.producer = static_cast<int64_t>(index);
+    if (auto st = control::resolve_pending(_control, *slot); !st) {
+      log::error("productor", log::Outcome::fail, {{"agencia", req.agency}, {"error", st.error().message}});
+    }
+  }
   s.agency = req.agency;
   s.producer_id = req.producer_id;
+  const control::ProducerSlot& producer = _control.layout().producers[s.producer];
   proto::HelloAck ack;
   ack.agency = s.agency;
   ack.finished = _control.finished(s.agency);
   ack.draw_done = _control.draw_state() == control::DrawState::done;
-  ack.stored_seq = 0;
+  ack.stored_seq = producer.last_seq.load();
+  ack.producer_bets = producer.bets.load();
   ack.bets_stored = _control.bets_stored(s.agency);
   ack.worker = _options.worker_id;
   log::debug("hello", log::Outcome::success, {{"agencia", s.agency}});
@@ -205,6 +235,21 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   if (_control.finished(s.agency))
     return reject(Status::agency_finished, proto::no_bet_index, "this agency already finished");
 
+  // Exactly once: the producer's stored seqs are the prefix 1..last_seq.
+  LOTTERY_ASSERT(s.producer >= 0);
+  control::ProducerSlot& producer = _control.layout().producers[s.producer];
+  uint64_t last_seq = producer.last_seq.load();
+  if (h.seq <= last_seq) {
+    // A resend of a batch already stored: acknowledged again, stored once.
+    _slot.duplicates.fetch_add(1, std::memory_order_relaxed);
+    log::info("apuesta_duplicada", log::Outcome::success,
+              {{"cantidad", info.count}, {"agencia", info.agency}, {"seq", h.seq}});
+    acknowledge(s, h.seq, info.count);
+    return Outcome::keep;
+  }
+  if (h.seq != last_seq + 1)
+    return reject(Status::sequence_gap, proto::no_bet_index, "batch seq is not the producer's next");
+
   // Parse straight into the mapping: copy the bets to their place in the
   // segment, validate them there, then commit or abandon the entry.
   proto::Bytes wire_bets = body.subspan(limits::batch_body_header_bytes);
@@ -227,7 +272,16 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
     _store.abandon(wire_bets.size());
     return reject(r->status, r->index, r->reason);
   }
+  // Marked pending before the commit point (the entry's checksum), settled
+  // after: if this worker dies in between, the next holder of the producer
+  // looks for the entry in our newest segment (control::resolve_pending).
+  producer.pending_seq.store(h.seq);
+  producer.pending_bets.store(info.count);
+  producer.pending_worker.store(_options.worker_id + 1u, std::memory_order_seq_cst);
   _store.commit(store::EntryMeta{info.agency, info.count, s.producer_id, h.seq}, wire_bets.size());
+  producer.bets.fetch_add(info.count);
+  producer.last_seq.store(h.seq);
+  producer.pending_worker.store(0, std::memory_order_seq_cst);
   _counters.batches_accepted++;
   _counters.bets_accepted += info.count;
   _slot.batches.fetch_add(1, std::memory_order_relaxed);
@@ -246,10 +300,74 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   }
   // The log line goes out before the acknowledgement it reports.
   log::info("apuesta_recibida", log::Outcome::success, {{"cantidad", info.count}, {"agencia", info.agency}});
-  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
-  LOTTERY_ASSERT(out != nullptr);
-  _reactor.commit_send(s.id, proto::encode_batch_ack(out, reply_bytes_max, h.seq, info.count));
+  switch (_options.durability) {
+    case store::Durability::none:
+      acknowledge(s, h.seq, info.count);
+      break;
+    case store::Durability::always:
+      if (auto st = _store.sync(); !st) {
+        log::error("store_sync", log::Outcome::fail, {{"error", st.error().message}});
+        reply_error(s, h.type, h.seq, Status::storage_error, proto::no_bet_index, "could not sync the store");
+        return Outcome::close;
+      }
+      _slot.syncs.fetch_add(1, std::memory_order_relaxed);
+      acknowledge(s, h.seq, info.count);
+      break;
+    case store::Durability::group:
+      _pending_acks.push_back(PendingAck{s.id, h.seq, info.count});
+      if (_pending_acks.size() >= _options.group_batches_max) {
+        flush_group();
+      } else if (_group_timer == 0) {
+        _group_timer = _reactor.add_timer(_options.group_window_ms, [this] {
+          _group_timer = 0;
+          flush_group();
+        });
+      }
+      break;
+  }
   return Outcome::keep;
+}
+
+void LotteryService::acknowledge(Session& s, uint32_t seq, uint16_t count) {
+  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
+  if (out == nullptr) {
+    // Only a connection that stopped reading its replies gets here; it will
+    // resend, and the batch is recognised as a duplicate.
+    _reactor.close(s.id, reactor::Reactor::Flush::no);
+    return;
+  }
+  _reactor.commit_send(s.id, proto::encode_batch_ack(out, reply_bytes_max, seq, count));
+}
+
+void LotteryService::flush_group() {
+  if (_group_timer != 0) {
+    _reactor.cancel_timer(_group_timer);
+    _group_timer = 0;
+  }
+  if (_pending_acks.empty() && !_store.dirty()) return;
+  auto st = _store.sync();
+  if (st) _slot.syncs.fetch_add(1, std::memory_order_relaxed);
+  for (const PendingAck& p : _pending_acks) {
+    Session* s = session(p.id);
+    if (s == nullptr) continue;  // gone: the client resends, and the batch is a duplicate
+    if (!st) {
+      reply_error(*s, static_cast<uint8_t>(MsgType::batch), p.seq, Status::storage_error, proto::no_bet_index,
+                  "could not sync the store");
+      continue;
+    }
+    acknowledge(*s, p.seq, p.count);
+  }
+  if (!st) log::error("store_sync", log::Outcome::fail, {{"error", st.error().message}});
+  _pending_acks.clear();
+}
+
+void LotteryService::release_producer(Session& s) {
+  if (s.producer < 0) return;
+  // What this producer's state says is stored must be durable before another
+  // connection, maybe on another worker, can act on it.
+  if (_options.durability != store::Durability::none && _store.dirty()) flush_group();
+  _producer_locks.unlock(static_cast<size_t>(s.producer));
+  s.producer = -1;
 }
 
 LotteryService::Outcome LotteryService::handle_finished(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
@@ -383,6 +501,7 @@ void LotteryService::on_draw_maybe_done() {
 }
 
 void LotteryService::begin_shutdown() {
+  flush_group();
   _shutting_down = true;
   for (Session& s : _sessions) {
     if (!s.open) continue;

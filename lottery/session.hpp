@@ -21,6 +21,10 @@ struct ServiceOptions {
   uint16_t winning_number = 7574;
   std::string data_dir = "./data";
   uint16_t worker_id = 0;
+  store::Durability durability = store::Durability::none;
+  // Group commit: one sync per window or per this many batches, whichever first.
+  uint32_t group_window_ms = 1;
+  uint32_t group_batches_max = 64;
 };
 
 struct ServiceCounters {
@@ -35,8 +39,8 @@ class LotteryService final : public reactor::Handler {
  public:
   // `control` is the state shared with the other workers (finished agencies,
   // the draw); this worker's counters live in its slot there.
-  LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control, ServiceOptions options,
-                 size_t max_connections);
+  LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control,
+                 control::ProducerLocks& producer_locks, ServiceOptions options, size_t max_connections);
 
   void on_open(reactor::ConnId id) override;
   size_t on_data(reactor::ConnId id, std::span<const std::byte> data) override;
@@ -58,6 +62,7 @@ class LotteryService final : public reactor::Handler {
     reactor::ConnId id;
     uint16_t agency = 0;  // 0 until hello
     uint64_t producer_id = 0;
+    int64_t producer = -1;  // index of the producer slot this connection holds (locked), or -1
     bool waiting_winners = false;
     uint32_t waiting_seq = 0;
     uint32_t waiting_start = 0;
@@ -76,11 +81,24 @@ class LotteryService final : public reactor::Handler {
   void send_winners_page(Session& s, uint32_t seq, uint32_t start);
   bool load_results_if_done();
   void answer_waiting();
+  void release_producer(Session& s);
+  void acknowledge(Session& s, uint32_t seq, uint16_t count);
+  // Group commit: syncs the store once and sends every acknowledgement that waited for it.
+  void flush_group();
+
+  struct PendingAck {
+    reactor::ConnId id;
+    uint32_t seq;
+    uint16_t count;
+  };
 
   reactor::Reactor& _reactor;
   store::Store& _store;
   control::Control& _control;
+  control::ProducerLocks& _producer_locks;
   control::WorkerSlot& _slot;
+  std::vector<PendingAck> _pending_acks;  // reserved at start: group_batches_max
+  reactor::Reactor::TimerId _group_timer = 0;
   ServiceOptions _options;
   std::vector<Session> _sessions;  // by reactor slot
   std::optional<Results> _results;

@@ -68,11 +68,73 @@ bool all_zero(const std::byte* p, size_t n) {
 
 }  // namespace
 
+const char* durability_name(Durability d) {
+  switch (d) {
+    case Durability::none: return "none";
+    case Durability::group: return "group";
+    case Durability::always: return "always";
+  }
+  return "unknown";
+}
+
+bool parse_durability(std::string_view text, Durability& out) {
+  if (text == "none") out = Durability::none;
+  else if (text == "group") out = Durability::group;
+  else if (text == "always") out = Durability::always;
+  else return false;
+  return true;
+}
+
 std::string segment_file_name(uint16_t worker_id, uint64_t index) {
   char name[64];
   std::snprintf(name, sizeof name, "segment-w%03u-%08llu.lseg", static_cast<unsigned>(worker_id),
                 static_cast<unsigned long long>(index));
   return name;
+}
+
+namespace {
+
+// Checks the entry at `off`. Returns nullptr and fills `v` (or sets `skip`)
+// when it is valid.
+const char* check_entry(std::span<const std::byte> file, size_t off, EntryView& v, bool& skip) {
+  const std::byte* e = file.data() + off;
+  uint32_t crc = load_le<uint32_t>(e);
+  uint32_t payload = load_le<uint32_t>(e + 4);
+  uint32_t magic = load_le<uint32_t>(e + 8);
+  skip = magic == skip_entry_magic;
+  if (magic != entry_magic && !skip) return "bad entry magic";
+  if (!skip && payload > entry_payload_max) return "entry length over entry_payload_max";
+  if (entry_size(payload) > file.size() - off) return "entry runs past the end of the file";
+  if (crc != entry_checksum(e, payload)) return "entry checksum mismatch";
+  if (skip) return nullptr;
+  v.meta.agency = load_le<uint16_t>(e + 12);
+  v.meta.bet_count = load_le<uint16_t>(e + 14);
+  v.meta.producer_id = load_le<uint64_t>(e + 16);
+  v.meta.sequence = load_le<uint64_t>(e + 24);
+  v.offset = off;
+  v.bets = std::span<const std::byte>(e + entry_header_bytes, payload);
+  // Paired check: the checksum vouches for the bytes, this vouches for the
+  // writer (the count must match what the bets decode to).
+  proto::BetCursor cursor(v.bets);
+  proto::Bet bet;
+  uint32_t n = 0;
+  while (cursor.next(bet)) n++;
+  if (n != v.meta.bet_count || !cursor.at_end()) return "entry bets do not decode to its bet count";
+  return nullptr;
+}
+
+}  // namespace
+
+uint64_t find_next_valid_entry(std::span<const std::byte> file, uint64_t from) {
+  from = (from + entry_alignment - 1) & ~(entry_alignment - 1);
+  for (uint64_t off = from; off + entry_header_bytes <= file.size(); off += entry_alignment) {
+    uint32_t magic = load_le<uint32_t>(file.data() + off + 8);
+    if (magic != entry_magic && magic != skip_entry_magic) continue;
+    EntryView v;
+    bool skip = false;
+    if (check_entry(file, off, v, skip) == nullptr) return off;
+  }
+  return 0;
 }
 
 ScanResult scan_bytes(std::span<const std::byte> file, const std::function<void(const EntryView&)>& on_entry) {
@@ -85,6 +147,7 @@ ScanResult scan_bytes(std::span<const std::byte> file, const std::function<void(
     return r;
   }
   size_t off = segment_header_bytes;
+  r.valid_bytes = off;
   const std::byte* base = file.data();
   while (true) {
     if (file.size() - off < entry_header_bytes) {
@@ -96,49 +159,30 @@ ScanResult scan_bytes(std::span<const std::byte> file, const std::function<void(
       }
       break;
     }
-    const std::byte* e = base + off;
-    if (all_zero(e, entry_header_bytes)) break;  // free space: end of the log
-    uint32_t crc = load_le<uint32_t>(e);
-    uint32_t payload = load_le<uint32_t>(e + 4);
-    const char* why = nullptr;
-    if (load_le<uint32_t>(e + 8) != entry_magic) {
-      why = "bad entry magic";
-    } else if (payload > entry_payload_max) {
-      why = "entry length over entry_payload_max";
-    } else if (entry_size(payload) > file.size() - off) {
-      why = "entry runs past the end of the file";
-    } else if (crc != entry_checksum(e, payload)) {
-      why = "entry checksum mismatch";
-    }
+    if (all_zero(base + off, entry_header_bytes)) break;  // free space: end of the log
     EntryView v;
-    if (why == nullptr) {
-      v.meta.agency = load_le<uint16_t>(e + 12);
-      v.meta.bet_count = load_le<uint16_t>(e + 14);
-      v.meta.producer_id = load_le<uint64_t>(e + 16);
-      v.meta.sequence = load_le<uint64_t>(e + 24);
-      v.offset = off;
-      v.bets = std::span<const std::byte>(e + entry_header_bytes, payload);
-      // Paired check: the checksum vouches for the bytes, this vouches for
-      // the writer (the count must match what the bets decode to).
-      proto::BetCursor cursor(v.bets);
-      proto::Bet bet;
-      uint32_t n = 0;
-      while (cursor.next(bet)) n++;
-      if (n != v.meta.bet_count || !cursor.at_end()) why = "entry bets do not decode to its bet count";
-    }
-    if (why != nullptr) {
+    bool skip = false;
+    if (const char* why = check_entry(file, off, v, skip)) {
       r.stopped_at_bad_entry = true;
       r.bad_offset = off;
       r.bad_reason = why;
+      if (uint64_t next = find_next_valid_entry(file, off + entry_alignment)) {
+        r.valid_entry_after_bad = true;
+        r.next_valid_offset = next;
+      }
       break;
     }
-    if (on_entry) on_entry(v);
-    r.entries++;
-    r.bets += v.meta.bet_count;
-    off += entry_size(payload);
+    size_t size = entry_size(load_le<uint32_t>(base + off + 4));
+    if (skip) {
+      r.skipped_bytes += size;
+    } else {
+      if (on_entry) on_entry(v);
+      r.entries++;
+      r.bets += v.meta.bet_count;
+    }
+    off += size;
     r.valid_bytes = off;
   }
-  if (r.valid_bytes == 0) r.valid_bytes = segment_header_bytes;
   return r;
 }
 
@@ -201,56 +245,110 @@ common::Result<std::unique_ptr<Store>> Store::open(const StoreOptions& options) 
 
   auto segments = list_segments(options.data_dir, options.worker_id);
   if (!segments) return segments.error();
-  if (segments->empty()) {
-    if (auto st = s->open_segment(1, true); !st) return st.error();
-    return s;
-  }
-  // Recover every segment of this worker; the last one becomes the tail.
   for (size_t i = 0; i < segments->size(); i++) {
-    const std::string& path = (*segments)[i];
-    auto scanned = scan_segment(path, [&](const EntryView& v) {
-      if (v.meta.agency < s->_bets_per_agency.size()) s->_bets_per_agency[v.meta.agency] += v.meta.bet_count;
-    });
-    if (!scanned) return scanned.error();
-    if (scanned->bad_offset == 0 && scanned->stopped_at_bad_entry)
-      return Error::make(EIO, path + ": " + scanned->bad_reason + "; move the file away to start");
-    s->_recovery.segments++;
-    s->_recovery.entries += scanned->entries;
-    s->_recovery.bets += scanned->bets;
-    s->_total_entries += scanned->entries;
-    s->_total_bets += scanned->bets;
-    bool last = i + 1 == segments->size();
-    if (!last && !scanned->stopped_at_bad_entry) continue;
-    if (auto st = s->open_segment(scanned->header.segment_index, false); !st) return st.error();
-    s->_tail = scanned->valid_bytes;
-    if (scanned->stopped_at_bad_entry) {
-      // A torn tail: the entry being written when the process died. It was
-      // never acknowledged. Zero it so nothing can resurrect it.
-      size_t end = std::min(s->_capacity, s->_tail + entry_bytes_max);
-      s->_recovery.dropped.push_back("file: " + path + " | offset: " + std::to_string(s->_tail) +
-                                     " | bytes: " + std::to_string(end - s->_tail) +
-                                     " | reason: " + scanned->bad_reason);
-      std::memset(s->_map + s->_tail, 0, end - s->_tail);
-      if (!last) {
-        // Corruption before the last segment: later segments still hold
-        // acknowledged bets; keep them and append after the newest.
-        if (auto st = s->unmap_current(); !st) return st.error();
-        continue;
-      }
-    }
-    if (!last) {
-      if (auto st = s->unmap_current(); !st) return st.error();
-    }
+    if (auto st = s->recover_segment((*segments)[i], i + 1 == segments->size()); !st) return st.error();
   }
   if (s->_map == nullptr) {
-    auto st = s->open_segment(s->_segment_index + 1, true);
-    if (!st) return st.error();
+    if (auto st = s->open_segment(s->_segment_index + 1, true); !st) return st.error();
   }
   return s;
 }
 
-common::Status Store::open_segment(uint64_t index, bool create) {
-  LOTTERY_ASSERT(_map == nullptr);
+// Verifies one segment and leaves it clean: a torn tail (the entry being
+// written when a process died: never acknowledged) is cut and zeroed; damage
+// followed by valid entries refuses the start unless --repair, which covers
+// the damaged bytes with a checksummed skip record. The last segment stays
+// mapped as the tail of the log.
+common::Status Store::recover_segment(const std::string& path, bool last) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return Error::from_errno(("open " + path).c_str());
+  struct stat st {};
+  if (::fstat(fd, &st) < 0) {
+    Error e = Error::from_errno(("fstat " + path).c_str());
+    ::close(fd);
+    return e;
+  }
+  size_t size = static_cast<size_t>(st.st_size);
+  void* map = size == 0 ? MAP_FAILED : ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) {
+    Error e = size == 0 ? Error::make(EIO, path + ": empty file; move it away to start")
+                        : Error::from_errno(("mmap " + path).c_str());
+    ::close(fd);
+    return e;
+  }
+  auto* base = static_cast<std::byte*>(map);
+  std::span<const std::byte> file(base, size);
+  ScanResult r;
+  uint64_t per_agency[limits::agencies_max + 1] = {};
+  for (int pass = 0;; pass++) {
+    std::fill(std::begin(per_agency), std::end(per_agency), 0);
+    r = scan_bytes(file, [&](const EntryView& v) {
+      if (v.meta.agency <= limits::agencies_max) per_agency[v.meta.agency] += v.meta.bet_count;
+    });
+    if (!r.stopped_at_bad_entry) break;
+    auto fail_with = [&](std::string message) {
+      ::munmap(map, size);
+      ::close(fd);
+      return Error::make(EIO, std::move(message));
+    };
+    if (r.bad_offset == 0) return fail_with(path + ": " + r.bad_reason + "; not a usable segment, move it away to start");
+    bool damage_before_valid = r.valid_entry_after_bad || !last;
+    if (damage_before_valid && !_options.repair) {
+      return fail_with(path + ": damaged entry at offset " + std::to_string(r.bad_offset) + " (" + r.bad_reason +
+                       ")" +
+                       (r.valid_entry_after_bad ? ", and valid entries follow at offset " +
+                                                      std::to_string(r.next_valid_offset)
+                                                : ", in a segment that is not the newest") +
+                       ": refusing to start. Restore the file from a backup, or start with --repair to skip the "
+                       "damaged bytes (they are logged and their bets are lost)");
+    }
+    if (r.valid_entry_after_bad) {
+      // --repair: a skip record over the damage keeps every later entry.
+      uint64_t gap = r.next_valid_offset - r.bad_offset;
+      if (gap < entry_header_bytes)
+        return fail_with(path + ": damaged region at offset " + std::to_string(r.bad_offset) + " is too small to mark");
+      std::byte* e = base + r.bad_offset;
+      uint32_t payload = static_cast<uint32_t>(gap - entry_header_bytes);
+      store_le<uint32_t>(e + 4, payload);
+      store_le<uint32_t>(e + 8, skip_entry_magic);
+      std::memset(e + 12, 0, entry_header_bytes - 12);
+      store_le<uint32_t>(e, entry_checksum(e, payload));
+      _recovery.repaired.push_back("file: " + path + " / offset: " + std::to_string(r.bad_offset) +
+                                   " / bytes: " + std::to_string(gap) + " / reason: " + r.bad_reason);
+      if (pass > 10000) return fail_with(path + ": too many damaged regions");
+      continue;
+    }
+    // A torn tail: zero from the bad entry to the last non-zero byte.
+    size_t end = size;
+    while (end > r.bad_offset && base[end - 1] == std::byte{0}) end--;
+    std::memset(base + r.bad_offset, 0, end - r.bad_offset);
+    _recovery.dropped.push_back("file: " + path + " / offset: " + std::to_string(r.bad_offset) +
+                                " / bytes: " + std::to_string(end - r.bad_offset) + " / reason: " + r.bad_reason);
+  }
+  _recovery.segments++;
+  _recovery.entries += r.entries;
+  _recovery.bets += r.bets;
+  _total_entries += r.entries;
+  _total_bets += r.bets;
+  for (size_t a = 0; a <= limits::agencies_max; a++) _bets_per_agency[a] += per_agency[a];
+  _segment_index = r.header.segment_index;
+  if (!last) {
+    ::msync(map, size, MS_SYNC);
+    ::munmap(map, size);
+    ::close(fd);
+    return common::ok_status();
+  }
+  if (::msync(map, size, MS_SYNC) < 0) return Error::from_errno(("msync " + path).c_str());
+  _fd = fd;
+  _map = base;
+  _capacity = size;
+  _path = path;
+  _tail = r.valid_bytes;
+  _synced = _tail;
+  return common::ok_status();
+}
+
+common::Result<Store::Mapping> Store::map_segment(uint64_t index, bool create) {
   std::string path = _options.data_dir + "/" + segment_file_name(_options.worker_id, index);
   int flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
   int fd = ::open(path.c_str(), flags, 0644);
@@ -279,24 +377,35 @@ common::Status Store::open_segment(uint64_t index, bool create) {
   if (map == MAP_FAILED) {
     Error e = Error::from_errno(("mmap " + path).c_str());
     ::close(fd);
+    if (create) ::unlink(path.c_str());
     return e;
   }
-  _fd = fd;
-  _map = static_cast<std::byte*>(map);
-  _capacity = capacity;
-  _segment_index = index;
-  _path = path;
   if (create) {
     SegmentHeader h{_options.worker_id, index, capacity, unix_now_ns()};
-    write_segment_header(_map, h);
-    _tail = segment_header_bytes;
-    // The new file's name must survive a crash too.
+    write_segment_header(static_cast<std::byte*>(map), h);
+    // The header, and the new file's name, must be durable before any entry
+    // in the file is acknowledged as durable.
+    ::msync(map, segment_header_bytes, MS_SYNC);
     int dfd = ::open(_options.data_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
       ::fsync(dfd);
       ::close(dfd);
     }
   }
+  return Mapping{fd, static_cast<std::byte*>(map), capacity, path};
+}
+
+common::Status Store::open_segment(uint64_t index, bool create) {
+  LOTTERY_ASSERT(_map == nullptr);
+  auto m = map_segment(index, create);
+  if (!m) return m.error();
+  _fd = m->fd;
+  _map = m->map;
+  _capacity = m->capacity;
+  _segment_index = index;
+  _path = m->path;
+  _tail = segment_header_bytes;
+  _synced = _tail;
   return common::ok_status();
 }
 
@@ -316,11 +425,27 @@ common::Result<std::byte*> Store::reserve(size_t payload_bytes) {
   LOTTERY_ASSERT(_map != nullptr);
   if (payload_bytes > entry_payload_max) return Error::make(EMSGSIZE, "entry larger than entry_payload_max");
   if (entry_size(payload_bytes) > _capacity - _tail) {
-    // Roll over. The old segment's free tail stays zeroed, which readers take
-    // as its end.
-    uint64_t next = _segment_index + 1;
-    if (auto st = unmap_current(); !st) return st.error();
-    if (auto st = open_segment(next, true); !st) return st.error();
+    // Roll over. The next segment is allocated first: when the disk is full
+    // this fails (ENOSPC) and the current segment stays as it was, so a later
+    // batch can try again once space returns. The old segment's free tail
+    // stays zeroed, which readers take as its end.
+    auto next = map_segment(_segment_index + 1, true);
+    if (!next) return next.error();
+    Mapping old{_fd, _map, _capacity, _path};
+    if (_options.durability != Durability::none && _synced != _tail) {
+      _retired.push_back(old);  // synced by the next sync(), before its batches are acknowledged
+      _old_segment_dirty = true;
+    } else {
+      ::munmap(old.map, old.capacity);
+      ::close(old.fd);
+    }
+    _fd = next->fd;
+    _map = next->map;
+    _capacity = next->capacity;
+    _path = next->path;
+    _segment_index++;
+    _tail = segment_header_bytes;
+    _synced = _tail;
   }
   _reserved = payload_bytes;
   _reserved_active = true;
@@ -358,20 +483,42 @@ void Store::abandon(size_t payload_bytes) {
 }
 
 common::Status Store::sync() {
-  if (_map == nullptr) return common::ok_status();
-  if (::msync(_map, _tail, MS_SYNC) < 0) return Error::from_errno(("msync " + _path).c_str());
-  if (::fdatasync(_fd) < 0) return Error::from_errno(("fdatasync " + _path).c_str());
+  if (!dirty()) return common::ok_status();
+  for (Mapping& m : _retired) {
+    if (::msync(m.map, m.capacity, MS_SYNC) < 0) return Error::from_errno(("msync " + m.path).c_str());
+    ::munmap(m.map, m.capacity);
+    ::close(m.fd);
+  }
+  _retired.clear();
+  _old_segment_dirty = false;
+  if (_map != nullptr && _synced != _tail) {
+    // msync wants a page-aligned start.
+    size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    size_t from = _synced / page * page;
+    if (::msync(_map + from, _tail - from, MS_SYNC) < 0) return Error::from_errno(("msync " + _path).c_str());
+    _synced = _tail;
+  }
+  _sync_count++;
+  if (_sync_hook) _sync_hook(_sync_hook_arg);
   return common::ok_status();
 }
 
 common::Status Store::close() {
   LOTTERY_ASSERT(!_reserved_active);
+  // A graceful stop makes everything durable, whatever the policy.
   common::Status st = sync();
+  if (st && _map != nullptr && ::fdatasync(_fd) < 0) st = Error::from_errno(("fdatasync " + _path).c_str());
   if (auto u = unmap_current(); !u && st) st = u;
   return st;
 }
 
-Store::~Store() { (void)unmap_current(); }
+Store::~Store() {
+  for (Mapping& m : _retired) {
+    ::munmap(m.map, m.capacity);
+    ::close(m.fd);
+  }
+  (void)unmap_current();
+}
 
 uint64_t Store::bets_stored(uint16_t agency) const {
   return agency < _bets_per_agency.size() ? _bets_per_agency[agency] : 0;

@@ -25,6 +25,8 @@ inline constexpr char segment_magic[8] = {'L', 'O', 'T', 'S', 'E', 'G', '\0', '\
 inline constexpr uint16_t segment_format_version = 1;
 inline constexpr size_t segment_header_bytes = 64;
 inline constexpr uint32_t entry_magic = 0x31544542;  // "BET1" in little-endian bytes
+// A checksummed record that covers bytes --repair found damaged: readers skip it.
+inline constexpr uint32_t skip_entry_magic = 0x31504B53;  // "SKP1"
 inline constexpr size_t entry_header_bytes = 40;
 inline constexpr size_t entry_alignment = 8;
 inline constexpr size_t entry_payload_max = limits::frame_bytes_max;
@@ -63,6 +65,7 @@ struct ScanResult {
   SegmentHeader header;
   uint64_t entries = 0;
   uint64_t bets = 0;
+  uint64_t skipped_bytes = 0;  // covered by skip records (--repair)
   uint64_t valid_bytes = 0;  // end of the last valid entry
   uint64_t file_bytes = 0;
   // Set when scanning stopped at bytes that are neither a valid entry nor the
@@ -70,7 +73,15 @@ struct ScanResult {
   bool stopped_at_bad_entry = false;
   uint64_t bad_offset = 0;
   std::string bad_reason;
+  // When scanning stopped at a bad entry: offset of the next valid entry after
+  // it, if any. Set means corruption in the middle of the log (not a torn
+  // tail): acknowledged entries follow the damage.
+  bool valid_entry_after_bad = false;
+  uint64_t next_valid_offset = 0;
 };
+
+// Finds the first offset >= from (8-aligned) holding a valid entry, or 0.
+uint64_t find_next_valid_entry(std::span<const std::byte> file, uint64_t from);
 
 // Scans a segment file, calling `on_entry` for every valid entry in order.
 // The file is mapped read-only for the duration of the call.
@@ -83,10 +94,22 @@ ScanResult scan_bytes(std::span<const std::byte> file, const std::function<void(
 common::Result<std::vector<std::string>> list_segments(const std::string& dir, int worker);
 std::string segment_file_name(uint16_t worker_id, uint64_t index);
 
+// When an acknowledged batch is on disk. docs/STORAGE.md says what each survives.
+enum class Durability : uint8_t {
+  none,    // in the page cache: survives the process, not the kernel or the power
+  group,   // synced in groups (one msync per window) before the group is acknowledged
+  always,  // synced before each acknowledgement
+};
+const char* durability_name(Durability d);
+bool parse_durability(std::string_view text, Durability& out);
+
 struct StoreOptions {
   std::string data_dir = "./data";
   uint16_t worker_id = 0;
   size_t segment_bytes = segment_bytes_default;
+  // Skip damaged bytes in the middle of a segment (logged) instead of refusing to start.
+  bool repair = false;
+  Durability durability = Durability::none;
 };
 
 struct RecoveryReport {
@@ -95,6 +118,8 @@ struct RecoveryReport {
   uint64_t bets = 0;
   // One line per torn tail that was cut off: file, offset, bytes.
   std::vector<std::string> dropped;
+  // One line per damaged region that --repair covered with a skip record.
+  std::vector<std::string> repaired;
 };
 
 // The writer for one worker's segments. Not thread-safe: one per worker.
@@ -116,8 +141,17 @@ class Store {
   // later recovery, can mistake them for an entry.
   void abandon(size_t payload_bytes);
 
-  // msync + fdatasync of everything appended so far.
+  // Makes everything appended so far durable: msync(MS_SYNC) of the bytes
+  // written since the last sync (on Linux that is vfs_fsync_range, the data
+  // part of fdatasync). A no-op when nothing is dirty.
   common::Status sync();
+  bool dirty() const { return _synced != _tail || _old_segment_dirty; }
+  uint64_t sync_count() const { return _sync_count; }
+  // Tests count syncs through this hook (called once per real sync).
+  void set_sync_hook(void (*hook)(void*), void* arg) {
+    _sync_hook = hook;
+    _sync_hook_arg = arg;
+  }
   common::Status close();
 
   const RecoveryReport& recovery() const { return _recovery; }
@@ -128,8 +162,16 @@ class Store {
 
  private:
   explicit Store(StoreOptions options) : _options(std::move(options)) {}
+  struct Mapping {
+    int fd = -1;
+    std::byte* map = nullptr;
+    size_t capacity = 0;
+    std::string path;
+  };
+  common::Result<Mapping> map_segment(uint64_t index, bool create);
   common::Status open_segment(uint64_t index, bool create);
   common::Status unmap_current();
+  common::Status recover_segment(const std::string& path, bool last);
 
   StoreOptions _options;
   int _fd = -1;
@@ -140,6 +182,14 @@ class Store {
   std::string _path;
   size_t _reserved = 0;  // payload bytes reserved, 0 when none
   bool _reserved_active = false;
+  size_t _synced = 0;  // bytes of the current segment known to be on disk
+  bool _old_segment_dirty = false;
+  // Segments rolled over before their last bytes were synced: kept mapped
+  // until the next sync() (durable modes only).
+  std::vector<Mapping> _retired;
+  uint64_t _sync_count = 0;
+  void (*_sync_hook)(void*) = nullptr;
+  void* _sync_hook_arg = nullptr;
   uint64_t _total_bets = 0;
   uint64_t _total_entries = 0;
   std::vector<uint64_t> _bets_per_agency;

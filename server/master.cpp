@@ -295,6 +295,14 @@ int Master::run() {
   log::info("control_open", log::Outcome::success,
             {{"draw_state", lottery::control::draw_state_name(_control->draw_state())},
              {"agencies", _control->agencies()}});
+  // Exactly-once state comes from what the segments hold, not from what the
+  // control file last said (it may be older than the segments after a power
+  // cut, or lost). Workers must first recover their torn tails: a torn entry
+  // fails its checksum, so the scan skips it either way.
+  auto duplicates = lottery::control::rebuild_producers(*_control);
+  if (!duplicates) return fail("producers", duplicates.error().message);
+  if (*duplicates > 0)
+    log::warning("producers", log::Outcome::fail, {{"duplicate_entries", *duplicates}});
   // A draw that a crash interrupted, or that became due while nothing ran.
   auto resumed = lottery::control::resume_draw_if_due(*_control, _cfg.winning_number);
   if (!resumed) return fail("sorteo", resumed.error().message);

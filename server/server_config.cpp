@@ -75,6 +75,21 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
       ->envname("SERVER_CLOSE_AT");
   app.add_option("--metrics-address", cfg.metrics_address, "serve Prometheus metrics on HOST:PORT (GET /metrics)")
       ->envname("SERVER_METRICS_ADDRESS");
+  cfg.durability = from_file("SERVER_DURABILITY", cfg.durability);
+  app.add_option("--durability", cfg.durability,
+                 "when a batch is acknowledged: none (in the page cache), group (synced in groups), always "
+                 "(synced each batch)")
+      ->envname("SERVER_DURABILITY")
+      ->check(CLI::IsMember({"none", "group", "always"}));
+  app.add_option("--group-window-ms", cfg.group_window_ms, "group commit: longest wait before a sync")
+      ->envname("SERVER_GROUP_WINDOW_MS")
+      ->check(CLI::Range(1, 1000));
+  app.add_option("--group-batches", cfg.group_batches_max, "group commit: sync at once after this many batches")
+      ->envname("SERVER_GROUP_BATCHES")
+      ->check(CLI::Range(1, 4096));
+  app.add_flag("--repair", cfg.repair,
+               "start even when a segment is damaged in the middle: the damaged bytes are skipped and logged")
+      ->envname("SERVER_REPAIR");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -28,6 +28,12 @@ struct ServerConfig {
   bool pin_cpus = false;
   std::string close_at;         // "HH:MM[:SS]" today or "YYYY-MM-DDTHH:MM[:SS]", local time; empty: never
   std::string metrics_address;  // "HOST:PORT"; empty: no metrics endpoint
+  // Default group: an acknowledged bet survives a power cut, at the price of
+  // about a millisecond of acknowledgement latency (see docs/STORAGE.md).
+  std::string durability = "group";
+  uint32_t group_window_ms = 1;
+  uint32_t group_batches_max = 64;
+  bool repair = false;
 };
 
 // Seconds since the epoch of a --close-at value, or an error.

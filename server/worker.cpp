@@ -95,10 +95,17 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   if (!control) return fail(worker_id, "control_open", control.error().message);
   lottery::control::WorkerSlot& slot = (*control)->worker(worker_id);
 
-  auto store = lottery::store::Store::open({cfg.data_dir, static_cast<uint16_t>(worker_id), cfg.segment_bytes});
+  lottery::store::Durability durability = lottery::store::Durability::group;
+  lottery::store::parse_durability(cfg.durability, durability);
+  auto producer_locks = lottery::control::ProducerLocks::open(cfg.data_dir);
+  if (!producer_locks) return fail(worker_id, "producer_locks", producer_locks.error().message);
+  auto store = lottery::store::Store::open(
+      {cfg.data_dir, static_cast<uint16_t>(worker_id), cfg.segment_bytes, cfg.repair, durability});
   if (!store) return fail(worker_id, "store_open", store.error().message);
   for (const std::string& dropped : (*store)->recovery().dropped)
     log::warning("store_recovery", log::Outcome::success, {{"worker", worker_id}, {"dropped", dropped}});
+  for (const std::string& repaired : (*store)->recovery().repaired)
+    log::warning("store_repair", log::Outcome::success, {{"worker", worker_id}, {"skipped", repaired}});
   log::info("store_open", log::Outcome::success,
             {{"worker", worker_id}, {"segments", (*store)->recovery().segments},
              {"entries", (*store)->total_entries()}, {"bets", (*store)->total_bets()}});
@@ -106,15 +113,22 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   auto reactor_result = make_reactor(cfg.io, cfg.max_connections, worker_id);
   if (!reactor_result) return fail(worker_id, "io_backend", reactor_result.error().message);
   reactor::Reactor& loop = **reactor_result;
-  log::info("io_backend", log::Outcome::success, {{"worker", worker_id}, {"backend", loop.backend_name()}});
+  log::info("io_backend", log::Outcome::success,
+            {{"worker", worker_id}, {"backend", loop.backend_name()}, {"durability", cfg.durability}});
 
   auto listener = reactor::net::listen_tcp(cfg.ip, cfg.port, cfg.listen_backlog, reactor::net::ReusePort::yes);
   if (!listener) return fail(worker_id, "listen", listener.error().message);
   if (auto st = loop.add_listener(*listener); !st) return fail(worker_id, "listen", st.error().message);
 
-  lottery::LotteryService service(loop, **store, **control,
-                                  {cfg.agencies, cfg.winning_number, cfg.data_dir, static_cast<uint16_t>(worker_id)},
-                                  cfg.max_connections);
+  lottery::ServiceOptions service_options;
+  service_options.agencies = cfg.agencies;
+  service_options.winning_number = cfg.winning_number;
+  service_options.data_dir = cfg.data_dir;
+  service_options.worker_id = static_cast<uint16_t>(worker_id);
+  service_options.durability = durability;
+  service_options.group_window_ms = cfg.group_window_ms;
+  service_options.group_batches_max = cfg.group_batches_max;
+  lottery::LotteryService service(loop, **store, **control, **producer_locks, service_options, cfg.max_connections);
   loop.set_handler(&service);
   g_reactor.store(&loop);
 

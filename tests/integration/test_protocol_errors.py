@@ -23,12 +23,17 @@ def test_invalid_bet_rejects_whole_batch_and_server_keeps_serving(start_server, 
     assert reply.status == "invalid_document"
     assert reply.bet_index == 2
     assert "digit" in reply.reason
-    # Another kind of bad bet, same connection, still answered.
-    reply = c.request(batch(3, 1, [("Eva", "Paz", "1", "2999-01-01", 1)]))
+    # Another kind of bad bet, same connection, still answered. A rejected
+    # batch does not use up its seq: the next batch reuses it.
+    reply = c.request(batch(2, 1, [("Eva", "Paz", "1", "2999-01-01", 1)]))
     assert reply.status == "invalid_birthdate" and reply.bet_index == 0
-    reply = c.request(batch(4, 1, [("Eva", "Paz", "1", "1990-01-01", 10000)]))
+    reply = c.request(batch(2, 1, [("Eva", "Paz", "1", "1990-01-01", 10000)]))
     assert reply.status == "invalid_number"
-    assert c.request(batch(5, 1, [GOOD] * 2)).status == "ok"
+    # Seqs must follow on: a gap is refused, a resend is a duplicate.
+    assert c.request(batch(3, 1, [GOOD])).status == "sequence_gap"
+    assert c.request(batch(2, 1, [GOOD] * 2)).status == "ok"
+    resent = c.request(batch(1, 1, [GOOD] * 3))
+    assert resent.status == "ok" and resent.seq == 1
 
     # The other agency finishes its run meanwhile.
     assert other.request(batch(2, 2, [GOOD] * 5)).status == "ok"
@@ -40,11 +45,12 @@ def test_invalid_bet_rejects_whole_batch_and_server_keeps_serving(start_server, 
 
     log = server.log()
     fails = [e for e in events(log, "apuesta_recibida") if e[2] == "fail"]
-    assert len(fails) == 3
+    assert len(fails) == 4
     assert fails[0][3]["cantidad"] == "4" and fails[0][3]["code"] == "invalid_document"
     assert fails[0][3]["bet_index"] == "2"
     stored = segments.read_store(server.data_dir)
-    assert sorted((e["agency"], e["seq"], e["count"]) for e in stored) == [(1, 1, 3), (1, 5, 2), (2, 1, 10), (2, 2, 5)]
+    assert sorted((e["agency"], e["seq"], e["count"]) for e in stored) == [(1, 1, 3), (1, 2, 2), (2, 1, 10), (2, 2, 5)]
+    assert len(events(log, "apuesta_duplicada")) == 1
 
 
 def test_session_rules(start_server, workdir):
@@ -67,7 +73,7 @@ def test_session_rules(start_server, workdir):
     assert not c.is_closed_by_peer(timeout=0.5)
     d = Conn(server.port)
     assert d.request(hello(1, 2)).status == "ok"
-    assert d.request(batch(2, 2, [("Eva", "Paz", "5", "1990-01-01", 7574)])).status == "ok"
+    assert d.request(batch(1, 2, [("Eva", "Paz", "5", "1990-01-01", 7574)])).status == "ok"
     assert d.request(finished(3, 2)).status == "ok"
     reply = c.recv_reply()
     assert reply.seq == 10 and reply.winners_page() == (0, 0, [])
@@ -97,12 +103,12 @@ def test_framing_errors_close_only_that_connection(start_server, workdir):
         assert c.is_closed_by_peer()
     # Truncated batch body: rejected, connection kept.
     c = Conn(server.port)
-    assert c.request(hello(1, 1)).status == "ok"
+    assert c.request(hello(1, 1, producer_id=2)).status == "ok"
     body = batch_body(1, [GOOD])
-    assert c.request(frame(BATCH, 2, body[:-3])).status == "malformed_body"
-    assert c.request(frame(BATCH, 3, batch_body(1, [GOOD], count=2))).status == "malformed_body"
-    assert c.request(batch(4, 1, [GOOD])).status == "ok"
-    assert keeper.request(batch(2, 1, [GOOD])).status == "ok"
+    assert c.request(frame(BATCH, 1, body[:-3])).status == "malformed_body"
+    assert c.request(frame(BATCH, 1, batch_body(1, [GOOD], count=2))).status == "malformed_body"
+    assert c.request(batch(1, 1, [GOOD])).status == "ok"
+    assert keeper.request(batch(1, 1, [GOOD])).status == "ok"
     assert server.stop() == 0
     assert sum(e["count"] for e in segments.read_store(server.data_dir)) == 2
 
@@ -110,10 +116,10 @@ def test_framing_errors_close_only_that_connection(start_server, workdir):
 def test_frames_split_at_every_byte(start_server, workdir):
     server = start_server(args=["--agencies", "1"])
     c = Conn(server.port)
-    data = hello(1, 1) + batch(2, 1, [GOOD] * 3) + batch(3, 1, [GOOD])
+    data = hello(0, 1) + batch(1, 1, [GOOD] * 3) + batch(2, 1, [GOOD])
     for i in range(len(data)):
         c.send(data[i:i + 1])
     replies = [c.recv_reply() for _ in range(3)]
-    assert [(r.seq, r.status) for r in replies] == [(1, "ok"), (2, "ok"), (3, "ok")]
+    assert [(r.seq, r.status) for r in replies] == [(0, "ok"), (1, "ok"), (2, "ok")]
     assert server.stop() == 0
     assert sum(e["count"] for e in segments.read_store(server.data_dir)) == 4

@@ -50,7 +50,13 @@ def all_winners(conn, agency, seq=100):
     return docs
 
 
-def worker_of(conn, agency, producer=1):
+_next_producer = [1000]
+
+
+def worker_of(conn, agency, producer=None):
+    if producer is None:
+        _next_producer[0] += 1
+        producer = _next_producer[0]
     r = conn.request(hello(0, agency, producer_id=producer))
     assert r.status == "ok"
     return r.hello_ack()["worker"]
