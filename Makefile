@@ -12,9 +12,11 @@ AGENCIES ?= 5
 DEPS := build-essential cmake ninja-build pkg-config git \
         liburing-dev libmimalloc-dev libgtest-dev libgmock-dev libbenchmark-dev \
         libyaml-cpp-dev libinih-dev libspdlog-dev libfmt-dev libcli11-dev \
-        python3 python3-pytest curl
+        python3 python3-pytest curl clang libclang-rt-14-dev
+FUZZ_BUILD_DIR ?= build-fuzz
+FUZZ_SECONDS ?= 20
 
-.PHONY: all deps build test test-unit test-integration asan demo clean format help
+.PHONY: all deps build test test-unit test-integration asan fuzz demo clean format help
 
 all: build
 
@@ -46,6 +48,15 @@ build: deps $(BUILD_DIR)/build.ninja
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j 1 --timeout 900
+	$(MAKE) --no-print-directory fuzz
+
+# libFuzzer targets under ASan+UBSan: replay the seed corpus, then fuzz each
+# target for FUZZ_SECONDS (docs/SECURITY.md tells how to run them longer).
+fuzz: deps
+	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD_DIR) -G Ninja -DFUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DFUZZ_SECONDS=$(FUZZ_SECONDS) >/dev/null
+	cmake --build $(FUZZ_BUILD_DIR) -j $(JOBS)
+	cd $(FUZZ_BUILD_DIR) && ctest --output-on-failure -L fuzz
 
 test-unit: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -L unit
@@ -65,4 +76,106 @@ format:
 	clang-format -i $$(git ls-files '*.cpp' '*.hpp')
 
 clean:
-	rm -rf $(BUILD_DIR) $(ASAN_BUILD_DIR) demo-run
+	rm -rf $(BUILD_DIR) $(ASAN_BUILD_DIR) $(FUZZ_BUILD_DIR) demo-run
+
+# ---------------------------------------------------------------- deployment
+# Docker images and a compose deployment of the server and $(AGENCIES) agency
+# clients (README.md "Docker"); a bare-metal install with systemd (README.md
+# "Bare metal"). Names avoid COMPOSE_FILE/COMPOSE_PROJECT_NAME, which compose
+# itself reads from the environment.
+DOCKER ?= docker
+# Compose v2 when the plugin is there, else the legacy docker-compose (1.29).
+COMPOSE ?= $(shell $(DOCKER) compose version >/dev/null 2>&1 && echo "$(DOCKER) compose" || echo docker-compose)
+BASE_IMAGE ?= debian:bookworm-slim
+SERVER_IMAGE ?= lottery-server:latest
+CLIENT_IMAGE ?= lottery-client:latest
+COMPOSE_YAML ?= docker/docker-compose.generated.yaml
+COMPOSE_PROJECT ?= lottery
+AGENCY_DATA_DIR ?= .data
+DATAGEN_ARGS ?= --bets 10000 --seed 2026
+# Seconds from SIGTERM to SIGKILL; the server needs at most its
+# --shutdown-grace-ms (5 s) plus the store sync.
+STOP_TIMEOUT ?= 20
+DOCKER_ENV = DOCKER="$(DOCKER)" COMPOSE="$(COMPOSE)" COMPOSE_YAML="$(COMPOSE_YAML)" \
+             COMPOSE_PROJECT="$(COMPOSE_PROJECT)" STOP_TIMEOUT="$(STOP_TIMEOUT)" \
+             SERVER_IMAGE="$(SERVER_IMAGE)" CLIENT_IMAGE="$(CLIENT_IMAGE)"
+
+.PHONY: docker-base docker-image docker-compose-file docker-compose-up docker-compose-logs \
+        docker-compose-down test-docker install test-install
+
+# The base image, built locally with debootstrap when no registry answers.
+docker-base:
+	$(DOCKER_ENV) docker/build-base-image.sh $(BASE_IMAGE)
+
+# One compile: the build stage is tagged $(BUILD_IMAGE) and the server and
+# client builds reuse it from the cache; older, untagged build stages are pruned.
+BUILD_IMAGE ?= lottery-build:latest
+DOCKER_BUILD = $(DOCKER) build -f docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE)
+docker-image: docker-base
+	$(DOCKER_BUILD) --target build -t $(BUILD_IMAGE) .
+	$(DOCKER_BUILD) --target server -t $(SERVER_IMAGE) .
+	$(DOCKER_BUILD) --target client -t $(CLIENT_IMAGE) .
+	$(DOCKER) image prune -f --filter label=lottery.stage=build >/dev/null
+	@$(DOCKER) image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^($(SERVER_IMAGE)|$(CLIENT_IMAGE)) '
+
+docker-compose-file:
+	$(DOCKER_ENV) LOTTERY_DATA_DIR="$(AGENCY_DATA_DIR)" STOP_GRACE_PERIOD="$(STOP_TIMEOUT)" \
+	  docker/generate-compose.sh $(COMPOSE_YAML) $(AGENCIES)
+
+docker-compose-up: docker-image
+	$(DOCKER_ENV) docker/generate-data.sh "$(AGENCY_DATA_DIR)" $(AGENCIES) $(DATAGEN_ARGS)
+	$(MAKE) --no-print-directory docker-compose-file
+	$(COMPOSE) -p $(COMPOSE_PROJECT) -f $(COMPOSE_YAML) up -d --remove-orphans
+	@echo "started: the server and $(AGENCIES) agencies. Follow: make docker-compose-logs   Stop: make docker-compose-down"
+
+docker-compose-logs:
+	$(COMPOSE) -p $(COMPOSE_PROJECT) -f $(COMPOSE_YAML) logs -f
+
+docker-compose-down:
+	$(DOCKER_ENV) docker/compose-down.sh
+
+# Images, five agencies under compose, their winners, a graceful stop. Starts
+# a Docker engine if none runs (root); prints SKIPPED when it cannot.
+test-docker:
+	tests/e2e/test_docker_compose.sh
+
+# Binaries, /etc/lottery/config.ini, the systemd unit and its user.
+install: build
+	DESTDIR="$(DESTDIR)" cmake --install $(BUILD_DIR) $(if $(PREFIX),--prefix $(PREFIX))
+	@DESTDIR="$(DESTDIR)" packaging/post-install.sh
+
+# A staged install (DESTDIR), checked file by file, and systemd-analyze verify.
+test-install: build
+	tests/e2e/test_install.sh $(BUILD_DIR)
+
+# ---------------------------------------------------------------- benchmarks (issue 6)
+# make bench              ~10 min: lottery-server vs the discard sink vs Redis, micro-benchmarks,
+#                         charts; results in $(BUILD_DIR)/bench-results/ (see docs/PERFORMANCE.md)
+# make bench BENCH_QUICK=1  the same in ~3 min (fewer, shorter runs)
+BENCH_DEPS := redis-server gnuplot-nox
+BENCH_OPTIONAL_DEPS := linux-perf
+BENCH_QUICK ?= 0
+
+.PHONY: bench bench-deps
+
+bench-deps:
+	@missing=""; \
+	for p in $(BENCH_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	optional=""; \
+	for p in $(BENCH_OPTIONAL_DEPS); do dpkg -s $$p >/dev/null 2>&1 || optional="$$optional $$p"; done; \
+	if [ -z "$$missing$$optional" ]; then echo "bench-deps: all present"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  echo "bench-deps: installing$$missing$$optional"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  [ -z "$$optional" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$optional \
+	    || echo "bench-deps: $$optional unavailable; the profile step is skipped"; \
+	elif [ -n "$$missing" ]; then \
+	  echo "bench-deps: missing$$missing (optional:$$optional)"; \
+	  echo "run:  sudo apt-get update && sudo apt-get install -y$$missing$$optional"; \
+	  exit 1; \
+	else \
+	  echo "bench-deps: optional$$optional missing (no perf profile); run: sudo apt-get install -y$$optional"; \
+	fi
+
+bench: build bench-deps
+	BIN_DIR=$(CURDIR)/$(BUILD_DIR)/bin BENCH_QUICK=$(BENCH_QUICK) bench/compare.sh

@@ -55,6 +55,10 @@ std::string render_metrics(const lottery::control::Control& control, unsigned wo
        &lottery::control::WorkerSlot::errors},
       {"lottery_worker_restarts_total", "counter", "Times the master restarted the worker.",
        &lottery::control::WorkerSlot::restarts},
+      {"lottery_store_syncs_total", "counter", "Store syncs (msync) for durability group/always.",
+       &lottery::control::WorkerSlot::syncs},
+      {"lottery_duplicate_batches_total", "counter", "Resent batches acknowledged without storing them again.",
+       &lottery::control::WorkerSlot::duplicates},
   };
   for (const Counter& c : counters) {
     family(c.name, c.type, c.help);

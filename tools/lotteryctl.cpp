@@ -4,6 +4,9 @@
 //   winners [--agency N]
 //   close             close the betting: unfinished agencies are closed out and
 //                     the draw runs with those that finished
+//   verify            check every entry of every segment
+//   export --format csv   every stored bet, once
+//   dump SEGMENT      one segment, entry by entry
 #include <fcntl.h>
 #include <sys/file.h>
 #include <time.h>
@@ -17,8 +20,14 @@
 #include <thread>
 
 #include "common/log.hpp"
+#include <map>
+#include <set>
+#include <tuple>
+
 #include "lottery/control.hpp"
+#include "lottery/protocol.hpp"
 #include "lottery/results.hpp"
+#include "lottery/store.hpp"
 
 namespace {
 
@@ -91,16 +100,16 @@ int cmd_status(const std::string& data_dir) {
     std::printf("%6u  %14s  %-8s  %s\n", a, thousands(c.bets_stored(a)).c_str(), c.finished(a) ? "yes" : "no",
                 note.c_str());
   }
-  std::printf("\n%6s  %8s  %-4s  %8s  %10s  %11s  %10s  %14s  %8s\n", "WORKER", "PID", "UP", "RESTARTS",
-              "CONNS OPEN", "CONNS TOTAL", "BATCHES", "BETS", "ERRORS");
+  std::printf("\n%6s  %8s  %-4s  %8s  %10s  %11s  %10s  %14s  %8s  %8s  %10s\n", "WORKER", "PID", "UP",
+              "RESTARTS", "CONNS OPEN", "CONNS TOTAL", "BATCHES", "BETS", "ERRORS", "SYNCS", "DUPLICATES");
   for (size_t w = 0; w < lottery::control::workers_max; w++) {
     const auto& s = l.workers[w];
     if (s.pid == 0 && s.batches == 0) continue;
-    std::printf("%6zu  %8llu  %-4s  %8s  %10s  %11s  %10s  %14s  %8s\n", w,
+    std::printf("%6zu  %8llu  %-4s  %8s  %10s  %11s  %10s  %14s  %8s  %8s  %10s\n", w,
                 static_cast<unsigned long long>(s.pid.load()), s.alive ? "yes" : "no",
                 thousands(s.restarts).c_str(), thousands(s.connections_open).c_str(),
                 thousands(s.connections_total).c_str(), thousands(s.batches).c_str(), thousands(s.bets).c_str(),
-                thousands(s.errors).c_str());
+                thousands(s.errors).c_str(), thousands(s.syncs).c_str(), thousands(s.duplicates).c_str());
   }
   return 0;
 }
@@ -158,6 +167,111 @@ int cmd_close(const std::string& data_dir, uint16_t winning_number) {
   return cmd_status(data_dir);
 }
 
+// Checks every entry of every segment. Exit 0 when the store is sound.
+int cmd_verify(const std::string& data_dir) {
+  auto segments = lottery::store::list_segments(data_dir, -1);
+  if (!segments) return fail(segments.error().message);
+  std::map<uint32_t, uint64_t> bets_per_agency;
+  std::set<std::tuple<uint32_t, uint64_t, uint64_t>> seen;
+  uint64_t entries = 0, bets = 0, duplicates = 0, problems = 0;
+  std::printf("%-40s  %10s  %12s  %10s  %s\n", "SEGMENT", "ENTRIES", "BETS", "SKIPPED", "STATE");
+  for (const std::string& path : *segments) {
+    auto r = lottery::store::scan_segment(path, [&](const lottery::store::EntryView& e) {
+      if (!seen.emplace(e.meta.agency, e.meta.producer_id, e.meta.sequence).second) {
+        duplicates++;
+        return;
+      }
+      bets_per_agency[e.meta.agency] += e.meta.bet_count;
+    });
+    if (!r) return fail(r.error().message);
+    entries += r->entries;
+    bets += r->bets;
+    std::string state = "ok";
+    if (r->stopped_at_bad_entry) {
+      problems++;
+      state = "BAD at offset " + std::to_string(r->bad_offset) + ": " + r->bad_reason +
+              (r->valid_entry_after_bad ? " (valid entries follow at " + std::to_string(r->next_valid_offset) + ")"
+                                        : " (torn tail)");
+    }
+    std::string name = path.substr(path.find_last_of('/') + 1);
+    std::printf("%-40s  %10s  %12s  %10s  %s\n", name.c_str(), thousands(r->entries).c_str(),
+                thousands(r->bets).c_str(), thousands(r->skipped_bytes).c_str(), state.c_str());
+  }
+  std::printf("\n%6s  %14s\n", "AGENCY", "BETS");
+  for (const auto& [agency, n] : bets_per_agency) std::printf("%6u  %14s\n", agency, thousands(n).c_str());
+  std::printf("\n%s segments, %s entries, %s bets, %s duplicate entries, %s damaged segments\n",
+              thousands(segments->size()).c_str(), thousands(entries).c_str(), thousands(bets).c_str(),
+              thousands(duplicates).c_str(), thousands(problems).c_str());
+  return problems == 0 && duplicates == 0 ? 0 : 1;
+}
+
+// Every stored bet, once, in the classic CSV form.
+int cmd_export(const std::string& data_dir, const std::string& format) {
+  if (format != "csv") return fail("export supports --format csv only");
+  auto segments = lottery::store::list_segments(data_dir, -1);
+  if (!segments) return fail(segments.error().message);
+  std::set<std::tuple<uint32_t, uint64_t, uint64_t>> seen;
+  std::string out;
+  out.reserve(1 << 20);
+  for (const std::string& path : *segments) {
+    auto r = lottery::store::scan_segment(path, [&](const lottery::store::EntryView& e) {
+      if (!seen.emplace(e.meta.agency, e.meta.producer_id, e.meta.sequence).second) return;
+      lottery::proto::BetCursor cursor(e.bets);
+      lottery::proto::Bet bet;
+      char date[16];
+      while (cursor.next(bet)) {
+        std::snprintf(date, sizeof date, "%04u-%02u-%02u", bet.birthdate.year, bet.birthdate.month,
+                      bet.birthdate.day);
+        out.append(std::to_string(e.meta.agency)).push_back(',');
+        out.append(bet.first_name).push_back(',');
+        out.append(bet.last_name).push_back(',');
+        out.append(bet.document).push_back(',');
+        out.append(date).push_back(',');
+        out.append(std::to_string(bet.number)).push_back('\n');
+      }
+      if (out.size() > (1 << 20)) {
+        std::fwrite(out.data(), 1, out.size(), stdout);
+        out.clear();
+      }
+    });
+    if (!r) return fail(r.error().message);
+    if (r->stopped_at_bad_entry)
+      std::fprintf(stderr, "lotteryctl: %s: stopped at offset %llu: %s\n", path.c_str(),
+                   static_cast<unsigned long long>(r->bad_offset), r->bad_reason.c_str());
+  }
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  return std::fflush(stdout) == 0 ? 0 : 1;
+}
+
+// One segment, entry by entry.
+int cmd_dump(const std::string& path, bool with_bets) {
+  std::printf("%10s  %6s  %18s  %10s  %6s\n", "OFFSET", "AGENCY", "PRODUCER", "SEQ", "BETS");
+  auto r = lottery::store::scan_segment(path, [&](const lottery::store::EntryView& e) {
+    std::printf("%10llu  %6u  %18llx  %10llu  %6u\n", static_cast<unsigned long long>(e.offset), e.meta.agency,
+                static_cast<unsigned long long>(e.meta.producer_id), static_cast<unsigned long long>(e.meta.sequence),
+                e.meta.bet_count);
+    if (!with_bets) return;
+    lottery::proto::BetCursor cursor(e.bets);
+    lottery::proto::Bet bet;
+    while (cursor.next(bet))
+      std::printf("            %.*s,%.*s,%.*s,%04u-%02u-%02u,%u\n", static_cast<int>(bet.first_name.size()),
+                  bet.first_name.data(), static_cast<int>(bet.last_name.size()), bet.last_name.data(),
+                  static_cast<int>(bet.document.size()), bet.document.data(), bet.birthdate.year,
+                  bet.birthdate.month, bet.birthdate.day, bet.number);
+  });
+  if (!r) return fail(r.error().message);
+  std::printf("\nworker %u, segment %llu, capacity %s bytes, %s entries, %s bets, %s bytes used, %s skipped\n",
+              r->header.worker_id, static_cast<unsigned long long>(r->header.segment_index),
+              thousands(r->file_bytes).c_str(), thousands(r->entries).c_str(), thousands(r->bets).c_str(),
+              thousands(r->valid_bytes).c_str(), thousands(r->skipped_bytes).c_str());
+  if (r->stopped_at_bad_entry) {
+    std::printf("BAD entry at offset %llu: %s\n", static_cast<unsigned long long>(r->bad_offset),
+                r->bad_reason.c_str());
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -174,7 +288,19 @@ int main(int argc, char** argv) {
   auto* close = app.add_subcommand("close", "close the betting and run the draw with the agencies that finished");
   close->add_option("--winning-number", winning_number, "used only when no server is running")
       ->envname("SERVER_WINNING_NUMBER");
+  auto* verify = app.add_subcommand("verify", "check every entry of every segment; counts per agency");
+  std::string format = "csv";
+  auto* exporter = app.add_subcommand("export", "every stored bet on standard output");
+  exporter->add_option("--format", format, "csv: agency,first_name,last_name,document,birthdate,number");
+  std::string segment_path;
+  bool with_bets = false;
+  auto* dump = app.add_subcommand("dump", "one segment file, entry by entry");
+  dump->add_option("segment", segment_path, "path of the segment file")->required();
+  dump->add_flag("--bets", with_bets, "print every bet");
   CLI11_PARSE(app, argc, argv);
+  if (*verify) return cmd_verify(data_dir);
+  if (*exporter) return cmd_export(data_dir, format);
+  if (*dump) return cmd_dump(segment_path, with_bets);
   if (*status) return cmd_status(data_dir);
   if (*winners) return cmd_winners(data_dir, agency);
   if (*close) return cmd_close(data_dir, winning_number);

@@ -10,6 +10,7 @@ SEGMENT_MAGIC = b"LOTSEG\x00\x01"
 SEGMENT_HEADER = 64
 ENTRY_HEADER = 40
 ENTRY_MAGIC = 0x31544542
+SKIP_MAGIC = 0x31504B53  # a checksummed record over bytes --repair found damaged
 
 
 def entry_size(payload):
@@ -41,10 +42,13 @@ def read_segment(path):
         if head == bytes(ENTRY_HEADER):
             return entries, "clean"
         crc, payload_len, magic, agency, count, producer, seq, _ = struct.unpack_from("<IIIHHQQQ", data, off)
-        if magic != ENTRY_MAGIC or off + entry_size(payload_len) > len(data):
+        if magic not in (ENTRY_MAGIC, SKIP_MAGIC) or off + entry_size(payload_len) > len(data):
             return entries, f"bad entry at {off}"
         if crc != crc32c(data[off + 4:off + ENTRY_HEADER + payload_len]):
             return entries, f"checksum mismatch at {off}"
+        if magic == SKIP_MAGIC:
+            off += entry_size(payload_len)
+            continue
         payload = data[off + ENTRY_HEADER:off + ENTRY_HEADER + payload_len]
         entries.append({"agency": agency, "count": count, "producer": producer, "seq": seq,
                         "bets": decode_bets(payload, count), "offset": off})

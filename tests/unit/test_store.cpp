@@ -201,3 +201,154 @@ TEST(Draw, WinnersPerAgencyAcrossWorkers) {
   ASSERT_TRUE(none.ok());
   EXPECT_EQ(none->total_winners(), 0u);
 }
+
+namespace {
+
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+void write_file(const std::string& path, const std::vector<char>& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+}  // namespace
+
+// For many random cut points and byte flips in the last entry, recovery keeps
+// exactly the valid prefix, and the store then appends after it.
+TEST(StoreRecovery, TornTailsKeepExactlyTheValidPrefix) {
+  TempDir dir;
+  auto bets = testsupport::encode_bets(40, number_mod);
+  size_t entry = store::entry_size(bets.size());
+  std::string path;
+  {
+    auto s = store::Store::open({dir.path(), 0, store::segment_bytes_min});
+    ASSERT_TRUE(s.ok());
+    for (uint64_t seq = 1; seq <= 6; seq++) append(**s, 1, seq, bets, 40);
+    path = (*s)->current_segment_path();
+    ASSERT_TRUE((*s)->close().ok());
+  }
+  const std::vector<char> pristine = read_file(path);
+  const size_t last = store::segment_header_bytes + 5 * entry;
+  uint64_t seed = 0x5eed;
+  auto next = [&] {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    return seed >> 33;
+  };
+  for (int trial = 0; trial < 300; trial++) {
+    std::vector<char> damaged = pristine;
+    if (trial % 2 == 0) {
+      // A write cut short: the entry's bytes from `cut` on never reached the file.
+      size_t cut = last + next() % entry;
+      std::fill(damaged.begin() + static_cast<long>(cut), damaged.begin() + static_cast<long>(last + entry), 0);
+      if (cut == last) damaged[last + 4] = 1;  // a torn header, not free space
+    } else {
+      size_t at = last + next() % entry;
+      damaged[at] = static_cast<char>(damaged[at] ^ static_cast<char>(1 + next() % 255));
+    }
+    write_file(path, damaged);
+    auto s = store::Store::open({dir.path(), 0, store::segment_bytes_min});
+    ASSERT_TRUE(s.ok()) << "trial " << trial << ": " << s.error().message;
+    bool tail_intact = damaged == pristine;
+    EXPECT_EQ((*s)->total_bets(), tail_intact ? 240u : 200u) << "trial " << trial;
+    if (!tail_intact) EXPECT_EQ((*s)->recovery().dropped.size(), 1u) << "trial " << trial;
+    append(**s, 1, 7, bets, 40);
+    ASSERT_TRUE((*s)->close().ok());
+    EXPECT_EQ(scan_all(dir.path()), tail_intact ? 280u : 240u) << "trial " << trial;
+    write_file(path, pristine);
+  }
+}
+
+TEST(StoreRecovery, DamageInTheMiddleRefusesUnlessRepair) {
+  TempDir dir;
+  auto bets = testsupport::encode_bets(30, number_mod);
+  size_t entry = store::entry_size(bets.size());
+  std::string path;
+  {
+    auto s = store::Store::open({dir.path(), 0, store::segment_bytes_min});
+    ASSERT_TRUE(s.ok());
+    for (uint64_t seq = 1; seq <= 5; seq++) append(**s, 2, seq, bets, 30);
+    path = (*s)->current_segment_path();
+    ASSERT_TRUE((*s)->close().ok());
+  }
+  std::vector<char> bytes = read_file(path);
+  bytes[store::segment_header_bytes + entry + 77] ^= 0x10;  // inside entry 2 of 5
+  write_file(path, bytes);
+
+  auto refused = store::Store::open({dir.path(), 0, store::segment_bytes_min});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.error().message.find("refusing to start"), std::string::npos) << refused.error().message;
+  EXPECT_NE(refused.error().message.find("--repair"), std::string::npos);
+
+  store::StoreOptions repair{dir.path(), 0, store::segment_bytes_min};
+  repair.repair = true;
+  auto repaired = store::Store::open(repair);
+  ASSERT_TRUE(repaired.ok()) << repaired.error().message;
+  EXPECT_EQ((*repaired)->total_bets(), 120u);  // entries 1, 3, 4, 5
+  ASSERT_EQ((*repaired)->recovery().repaired.size(), 1u);
+  EXPECT_NE((*repaired)->recovery().repaired[0].find("offset: " + std::to_string(store::segment_header_bytes + entry)),
+            std::string::npos);
+  ASSERT_TRUE((*repaired)->close().ok());
+  // The skip record is part of the log now: a plain start accepts it.
+  auto again = store::Store::open({dir.path(), 0, store::segment_bytes_min});
+  ASSERT_TRUE(again.ok()) << again.error().message;
+  EXPECT_EQ((*again)->total_bets(), 120u);
+  EXPECT_TRUE((*again)->recovery().repaired.empty());
+}
+
+TEST(StoreRecovery, ReaderNeverCrashesOnGarbage) {
+  // The scanner is the first thing to read a file from disk: random bytes
+  // after a valid header must only ever produce "bad entry".
+  TempDir dir;
+  std::string path;
+  {
+    auto s = store::Store::open({dir.path(), 0, store::segment_bytes_min});
+    ASSERT_TRUE(s.ok());
+    path = (*s)->current_segment_path();
+    ASSERT_TRUE((*s)->close().ok());
+  }
+  std::vector<char> bytes = read_file(path);
+  uint64_t seed = 99;
+  for (int trial = 0; trial < 50; trial++) {
+    std::vector<char> junk = bytes;
+    for (size_t i = store::segment_header_bytes; i < 64 * 1024; i++) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      junk[i] = static_cast<char>(seed >> 56);
+    }
+    auto r = store::scan_bytes({reinterpret_cast<const std::byte*>(junk.data()), junk.size()}, nullptr);
+    EXPECT_TRUE(r.stopped_at_bad_entry);
+    EXPECT_EQ(r.entries, 0u);
+  }
+}
+
+namespace {
+void count_sync(void* counter) { ++*static_cast<int*>(counter); }
+}  // namespace
+
+TEST(StoreDurability, SyncOnlyWhenDirtyAndAcrossRollOver) {
+  TempDir dir;
+  auto bets = testsupport::encode_bets(1000, number_mod);  // ~30 KiB entries: 30 per 1 MiB segment
+  store::StoreOptions opts{dir.path(), 0, store::segment_bytes_min};
+  opts.durability = store::Durability::group;
+  auto s = store::Store::open(opts);
+  ASSERT_TRUE(s.ok());
+  int syncs = 0;
+  (*s)->set_sync_hook(count_sync, &syncs);
+  ASSERT_TRUE((*s)->sync().ok());
+  EXPECT_EQ(syncs, 0);  // nothing to sync
+  for (uint64_t seq = 1; seq <= 10; seq++) append(**s, 1, seq, bets, 1000);
+  EXPECT_TRUE((*s)->dirty());
+  ASSERT_TRUE((*s)->sync().ok());
+  EXPECT_EQ(syncs, 1);  // one sync for the whole group
+  EXPECT_FALSE((*s)->dirty());
+  // A group that spans a roll-over still takes one sync, covering both files.
+  for (uint64_t seq = 11; seq <= 40; seq++) append(**s, 1, seq, bets, 1000);
+  EXPECT_TRUE((*s)->dirty());
+  ASSERT_TRUE((*s)->sync().ok());
+  EXPECT_EQ(syncs, 2);
+  EXPECT_EQ((*s)->sync_count(), 2u);
+  ASSERT_TRUE((*s)->close().ok());
+  EXPECT_EQ(scan_all(dir.path()), 40000u);
+}
