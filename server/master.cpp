@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <atomic>
 #include <cstring>
 #include <functional>
@@ -91,6 +92,7 @@ class Master {
  private:
   common::Status take_server_lock();
   common::Status reserve_port();
+  common::Status wait_for_previous_workers();
   void spawn(unsigned id);
   void reap();
   void begin_stop();
@@ -138,6 +140,32 @@ common::Status Master::reserve_port() {
   ::shutdown(*fd, SHUT_RDWR);  // stop listening; the bind stays
   _port_fd = *fd;
   _cfg.port = *port;
+  return common::ok_status();
+}
+
+common::Status Master::wait_for_previous_workers() {
+  constexpr int wait_ms_max = 60'000;
+  for (unsigned id = 0; id < lottery::control::workers_max; id++) {
+    char name[32];
+    std::snprintf(name, sizeof name, "/worker-%03u.lock", id);
+    std::string path = _cfg.data_dir + name;
+    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) continue;  // never used
+    int waited = 0;
+    while (::flock(fd, LOCK_EX | LOCK_NB) < 0) {
+      if (waited == 0)
+        log::warning("worker_lock", log::Outcome::in_progress,
+                     {{"worker", id}, {"waiting_for", "a process of the previous server to exit"}});
+      if (waited >= wait_ms_max) {
+        ::close(fd);
+        return common::Error::make(EBUSY, "a process of a previous server still holds " + path);
+      }
+      ::usleep(10'000);
+      waited += 10;
+    }
+    ::flock(fd, LOCK_UN);
+    ::close(fd);
+  }
   return common::ok_status();
 }
 
@@ -295,6 +323,9 @@ int Master::run() {
   log::info("control_open", log::Outcome::success,
             {{"draw_state", lottery::control::draw_state_name(_control->draw_state())},
              {"agencies", _control->agencies()}});
+  // Workers of a previous server (its master killed) may still be finishing;
+  // nothing may rebuild shared state or reuse their ids until they are gone.
+  if (auto st = wait_for_previous_workers(); !st) return fail("worker_lock", st.error().message);
   // Exactly-once state comes from what the segments hold, not from what the
   // control file last said (it may be older than the segments after a power
   // cut, or lost). Workers must first recover their torn tails: a torn entry

@@ -2,11 +2,14 @@
 
 #include <sched.h>
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 
@@ -25,6 +28,8 @@ namespace log = common::log;
 namespace {
 
 constexpr uint64_t draw_recheck_ms = 1000;
+// Longer than a worker's shutdown grace period plus its final sync.
+constexpr int worker_lock_wait_ms_max = 60'000;
 
 volatile sig_atomic_t g_stop_signal = 0;
 std::atomic<reactor::Reactor*> g_reactor{nullptr};
@@ -88,6 +93,23 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
     CPU_SET(static_cast<int>(worker_id % static_cast<unsigned>(cpus > 0 ? cpus : 1)), &set);
     if (::sched_setaffinity(0, sizeof set, &set) < 0)
       log::warning("pin_cpu", log::Outcome::fail, {{"worker", worker_id}, {"error", std::strerror(errno)}});
+  }
+
+  // One process per worker id: a worker of a previous server (still in its
+  // graceful shutdown after its master was killed) may still be writing this
+  // id's segments. Its lock goes when it exits; wait for that.
+  char lock_name[32];
+  std::snprintf(lock_name, sizeof lock_name, "/worker-%03u.lock", worker_id);
+  std::string lock_path = cfg.data_dir + lock_name;
+  int worker_lock = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (worker_lock < 0) return fail(worker_id, "worker_lock", std::strerror(errno));
+  for (int waited_ms = 0; ::flock(worker_lock, LOCK_EX | LOCK_NB) < 0; waited_ms += 10) {
+    if (errno != EWOULDBLOCK) return fail(worker_id, "worker_lock", std::strerror(errno));
+    if (waited_ms % 1000 == 0)
+      log::warning("worker_lock", log::Outcome::in_progress,
+                   {{"worker", worker_id}, {"waiting_for", "a previous process of this worker to exit"}});
+    if (waited_ms >= worker_lock_wait_ms_max) return fail(worker_id, "worker_lock", "still held by another process");
+    ::usleep(10'000);
   }
 
   auto control = lottery::control::Control::open(cfg.data_dir, cfg.agencies,
