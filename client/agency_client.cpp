@@ -5,6 +5,10 @@
 // says FINISHED and waits for the agency's winners. Single-bet mode (NOMBRE,
 // APELLIDO, DOCUMENTO, NACIMIENTO, NUMERO) sends one bet.
 //
+// Exactly once: the producer id is stable for a given agency and input (see
+// client/producer_id.hpp), so a re-run skips what the server already stores,
+// and a dropped connection is replaced and its unacknowledged batches resent.
+//
 // The log lines are the heritage contract the operators' tooling reads; keep
 // the action names and keys as they are.
 
@@ -19,6 +23,7 @@
 #include "client/client_config.hpp"
 #include "client/csv.hpp"
 #include "client/net.hpp"
+#include "client/producer_id.hpp"
 #include "common/log.hpp"
 
 namespace {
@@ -116,21 +121,59 @@ class SingleBetSource final : public BetSource {
 
 // ------------------------------------------------------------------ logging
 
-class LoggingListener final : public SessionListener {
+// The session's and the connection loop's events, as the heritage log lines.
+class LoggingListener final : public SessionListener, public ConnectionObserver {
  public:
-  explicit LoggingListener(SessionMode mode) : _mode(mode) {}
+  // `single_bet` is the bet of single-bet mode (nullptr in agency mode).
+  LoggingListener(const ClientConfig& cfg, SessionMode mode, uint64_t producer_id, const proto::Bet* single_bet)
+      : _cfg(cfg), _mode(mode), _producer_id(producer_id), _single_bet(single_bet) {}
 
+  // ---- connection loop
+  void on_connected() override {
+    log::info("conectar", Outcome::success, {{"server", _cfg.server_address}, {"agency", _cfg.agency_id}});
+  }
+
+  void on_connect_failed(uint32_t attempt, const common::Error& e, std::chrono::milliseconds retry_in) override {
+    log::warning("conectar", Outcome::fail,
+                 {{"attempt", attempt},
+                  {"attempts", _cfg.loop_amount},
+                  {"error", e.message},
+                  {"retry_in_ms", static_cast<int64_t>(retry_in.count())}});
+  }
+
+  void on_reconnecting(uint32_t attempt, uint32_t pending, const common::Error& why) override {
+    log::warning("reconectar", Outcome::in_progress,
+                 {{"intento", attempt}, {"pendientes", pending}, {"error", why.message}});
+  }
+
+  // ---- session
   void on_hello_acked(const proto::HelloAck& ack) override {
     log::debug("hello", Outcome::success,
                {{"agency", ack.agency},
+                {"producer_id", _producer_id},
+                {"worker", ack.worker},
                 {"finished", ack.finished},
                 {"draw_done", ack.draw_done},
                 {"stored_seq", ack.stored_seq},
+                {"producer_bets", ack.producer_bets},
                 {"bets_stored", ack.bets_stored}});
-    if (ack.finished && _mode == SessionMode::agency)
+    if (ack.finished && _mode == SessionMode::agency && !_hello_seen)
       log::warning(
           "hello", Outcome::success,
           {{"agency", ack.agency}, {"note", "agency already finished in an earlier run; asking for winners only"}});
+    _hello_seen = true;
+  }
+
+  void on_resumed(uint64_t stored_seq, uint64_t bets) override {
+    log::info("reanudar", Outcome::success, {{"seq", stored_seq}, {"apuestas_almacenadas", bets}});
+    // The heritage line for the one bet, which an earlier run got stored.
+    if (_single_bet != nullptr)
+      log::info("apuesta_enviada", Outcome::success, {{"dni", _single_bet->document}, {"numero", _single_bet->number}});
+  }
+
+  void on_reconnected(const proto::HelloAck& ack, uint32_t confirmed, uint32_t resending) override {
+    log::info("reconectar", Outcome::success,
+              {{"seq", ack.stored_seq}, {"confirmados", confirmed}, {"reenviar", resending}, {"worker", ack.worker}});
   }
 
   void on_batch_acked(uint32_t seq, uint16_t count, proto::Bytes bets) override {
@@ -161,7 +204,11 @@ class LoggingListener final : public SessionListener {
   }
 
  private:
+  const ClientConfig& _cfg;
   SessionMode _mode;
+  uint64_t _producer_id;
+  const proto::Bet* _single_bet;
+  bool _hello_seen = false;  // later HELLOs follow reconnects
 };
 
 const char* request_action(uint8_t request_type, SessionMode mode) {
@@ -180,6 +227,10 @@ const char* request_action(uint8_t request_type, SessionMode mode) {
 }
 
 int log_session_failure(const SessionFailure& f, SessionMode mode) {
+  if (f.kind == FailureKind::input_mismatch) {
+    log::error("reanudar", Outcome::fail, {{"error", f.reason}});
+    return exit_input_refused;
+  }
   if (f.kind == FailureKind::protocol && f.status == proto::Status::ok) {
     // Nothing the server said, but something it sent we cannot read.
     log::error("conexion", Outcome::fail, {{"error", "protocol: " + f.reason}});
@@ -209,7 +260,8 @@ int log_session_failure(const SessionFailure& f, SessionMode mode) {
 
 // ------------------------------------------------------------------ session
 
-RunEnd run_session(const ClientConfig& cfg, BetSource& source, SessionMode mode) {
+RunEnd run_session(const ClientConfig& cfg, BetSource& source, SessionMode mode, uint64_t producer_id,
+                   const proto::Bet* single_bet) {
   auto mask = block_stop_signals();
   if (!mask.ok()) {
     log::error("conectar", Outcome::fail, {{"error", mask.error().message}});
@@ -217,41 +269,19 @@ RunEnd run_session(const ClientConfig& cfg, BetSource& source, SessionMode mode)
   }
   WaitContext ctx{&stop_requested, &mask.value()};
 
-  auto producer = random_producer_id();
-  if (!producer.ok()) {
-    log::error("conectar", Outcome::fail, {{"error", producer.error().message}});
-    return {exit_connection, false};
-  }
-
-  RetryPolicy policy{cfg.loop_amount, cfg.loop_period, loop_backoff_cap};
-  auto on_failure = [&](uint32_t attempt, const common::Error& e, std::chrono::milliseconds retry_in) {
-    log::warning("conectar", Outcome::fail,
-                 {{"attempt", attempt},
-                  {"attempts", cfg.loop_amount},
-                  {"error", e.message},
-                  {"retry_in_ms", static_cast<int64_t>(retry_in.count())}});
-  };
-  auto fd = connect_with_retry(cfg.server, policy, ctx, on_failure);
-  if (!fd.ok()) {
-    if (ctx.stopped()) return {exit_ok, true};
-    log::error("conectar", Outcome::fail, {{"server", cfg.server_address}, {"error", fd.error().message}});
-    return {exit_unreachable, false};
-  }
-  log::info("conectar", Outcome::success, {{"server", cfg.server_address}, {"agency", cfg.agency_id}});
-
   SessionOptions options;
   options.agency = cfg.agency_id;
-  options.producer_id = producer.value();
+  options.producer_id = producer_id;
   options.mode = mode;
   options.finish = mode == SessionMode::agency || cfg.finish;
   options.batch_bets_max = cfg.batch_max_amount;
   options.batch_bytes_max = cfg.batch_max_bytes;
   options.inflight_max = cfg.inflight;
-  LoggingListener listener(mode);
+  LoggingListener listener(cfg, mode, producer_id, single_bet);
   AgencySession session(options, source, listener);
 
-  RunOutcome outcome = drive_session(fd->get(), session, ctx);
-  fd->reset();
+  RetryPolicy policy{cfg.loop_amount, cfg.loop_period, loop_backoff_cap};
+  RunOutcome outcome = run_session_with_reconnect(cfg.server, policy, session, ctx, listener);
   log::debug("cerrar_conexion", Outcome::success, {{"server", cfg.server_address}});
 
   switch (outcome.result) {
@@ -261,12 +291,30 @@ RunEnd run_session(const ClientConfig& cfg, BetSource& source, SessionMode mode)
       return {exit_ok, true};
     case RunResult::session_failed:
       return {log_session_failure(session.failure(), mode), false};
+    case RunResult::unreachable:
+      if (!outcome.ever_connected) {
+        log::error("conectar", Outcome::fail, {{"server", cfg.server_address}, {"error", outcome.error.message}});
+      } else {
+        log::error("conexion", Outcome::fail,
+                   {{"error", outcome.error.message},
+                    {"batches_acked", session.batches_acked()},
+                    {"pendientes", session.batches_pending()}});
+      }
+      return {exit_unreachable, false};
     case RunResult::connection_lost:
-      log::error("conexion", Outcome::fail,
-                 {{"error", outcome.error.message}, {"batches_acked", session.batches_acked()}});
-      return {exit_connection, false};
+    case RunResult::come_back_later:
+      break;  // handled inside run_session_with_reconnect
   }
+  LOTTERY_ASSERT(false && "run_session_with_reconnect returned a per-connection result");
   return {exit_connection, false};
+}
+
+// The file's stable producer id, unless the operator gave one.
+common::Result<uint64_t> file_producer(const ClientConfig& cfg) {
+  if (cfg.producer_id) return *cfg.producer_id;
+  auto path = canonical_path(cfg.data_file);
+  if (!path.ok()) return path.error();
+  return file_producer_id(cfg.agency_id, path.value());
 }
 
 RunEnd run_agency(const ClientConfig& cfg) {
@@ -285,9 +333,14 @@ RunEnd run_agency(const ClientConfig& cfg) {
     return {exit_input_refused, false};
   }
   log::info("leer_apuestas", Outcome::success, {{"file", cfg.data_file}, {"cantidad", summary->bets}});
+  auto producer = file_producer(cfg);
+  if (!producer.ok()) {
+    log::error("leer_apuestas", Outcome::fail, {{"file", cfg.data_file}, {"error", producer.error().message}});
+    return {exit_input_refused, false};
+  }
   if (stop_requested.load(std::memory_order_relaxed)) return {exit_ok, true};
   CsvBetSource source(file->reader(today));
-  return run_session(cfg, source, SessionMode::agency);
+  return run_session(cfg, source, SessionMode::agency, producer.value(), nullptr);
 }
 
 RunEnd run_single_bet(const ClientConfig& cfg) {
@@ -300,7 +353,8 @@ RunEnd run_single_bet(const ClientConfig& cfg) {
     return {exit_input_refused, false};
   }
   SingleBetSource source(bet);
-  return run_session(cfg, source, SessionMode::single_bet);
+  uint64_t producer = cfg.producer_id ? *cfg.producer_id : bet_producer_id(cfg.agency_id, bet);
+  return run_session(cfg, source, SessionMode::single_bet, producer, &bet);
 }
 
 void log_exit(const RunEnd& end) {
@@ -326,6 +380,7 @@ RunEnd run_with(const ClientConfig& cfg) {
               {"batch_max_bytes", cfg.batch_max_bytes},
               {"inflight", cfg.inflight},
               {"data_file", cfg.data_file},
+              {"producer_id", cfg.producer_id ? std::to_string(*cfg.producer_id) : std::string("derived")},
               {"mode", cfg.single_bet ? "single_bet" : "agency"}});
   return cfg.single_bet ? run_single_bet(cfg) : run_agency(cfg);
 }

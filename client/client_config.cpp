@@ -25,6 +25,7 @@ constexpr SettingName batch_max_bytes_setting{nullptr, nullptr, "--batch-max-byt
 constexpr SettingName inflight_setting{nullptr, nullptr, "--inflight"};
 constexpr SettingName id_setting{nullptr, "CLI_ID", "--id"};
 constexpr SettingName data_file_setting{nullptr, "CLI_DATA_FILE", "--data-file"};
+constexpr SettingName producer_id_setting{nullptr, "CLI_PRODUCER_ID", "--producer-id"};
 constexpr SettingName nombre_setting{nullptr, "NOMBRE", "--nombre"};
 constexpr SettingName apellido_setting{nullptr, "APELLIDO", "--apellido"};
 constexpr SettingName documento_setting{nullptr, "DOCUMENTO", "--documento"};
@@ -77,7 +78,9 @@ std::string file_value(const std::map<std::string, std::string>& file, const Set
 
 constexpr const char* exit_codes_help =
     "Exit codes: 0 done (or stopped by SIGTERM/SIGINT), 1 input refused (config, data file, a bet the server "
-    "rejected), 2 server not reachable after loop.amount attempts, 3 connection lost or protocol error.";
+    "rejected, a data file shorter than what the server already stores from it), 2 server not reachable after "
+    "loop.amount attempts (at start, or after a dropped connection), 3 protocol error (e.g. the server's stored "
+    "stream for this producer disagrees with this client's) or the server cannot go on (storage error).";
 
 }  // namespace
 
@@ -116,6 +119,9 @@ CommandLine read_command_line(int argc, char** argv) {
   add_setting(app, inflight_setting, s.inflight, "Batches sent ahead of their acknowledgement (default 16)");
   add_setting(app, id_setting, s.id, "Agency id, 1..65535 (required)");
   add_setting(app, data_file_setting, s.data_file, "Agency bet file (default .data/agency-<id>.csv)");
+  add_setting(app, producer_id_setting, s.producer_id,
+              "Producer id for exactly-once resends, 1..2^64-1 (default: a hash of the agency and the data "
+              "file's absolute path, or of the single bet)");
   add_setting(app, nombre_setting, s.single_bet.first_name, "Single-bet mode: first name");
   add_setting(app, apellido_setting, s.single_bet.last_name, "Single-bet mode: last name");
   add_setting(app, documento_setting, s.single_bet.document, "Single-bet mode: document (digits)");
@@ -276,6 +282,12 @@ common::Result<ClientConfig> resolve_client_config(const ClientSettings& raw) {
   c.agency_id = static_cast<uint16_t>(id.value());
 
   c.data_file = raw.data_file.empty() ? ".data/agency-" + std::to_string(c.agency_id) + ".csv" : raw.data_file;
+  if (!raw.producer_id.empty()) {
+    // Zero means "no producer" on the wire.
+    auto producer = parse_uint(producer_id_setting, raw.producer_id, 1, UINT64_MAX);
+    if (!producer.ok()) return producer.error();
+    c.producer_id = producer.value();
+  }
   c.finish = raw.finish;
   if (auto st = resolve_single_bet(raw, c); !st.ok()) return st.error();
   return c;

@@ -64,6 +64,7 @@ struct ClientSettings {
   std::string inflight;
   std::string id;
   std::string data_file;
+  std::string producer_id;
   SingleBetFields single_bet;
   bool finish = false;
 };
@@ -102,6 +103,8 @@ struct ClientConfig {
   size_t inflight = default_inflight_batches;
   uint16_t agency_id = 0;
   std::string data_file;
+  // Overrides the stable producer id derived from the input (client/producer_id.hpp).
+  std::optional<uint64_t> producer_id;
   // Set when all five single-bet fields are given: send that bet alone.
   std::optional<SingleBetFields> single_bet;
   bool finish = false;  // single-bet mode: also send FINISHED and ask for winners

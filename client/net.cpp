@@ -5,7 +5,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -96,8 +95,13 @@ common::Result<UniqueFd> connect_address(const addrinfo& ai, const std::string& 
 
 // Reads whatever the socket holds into the session. Errors only for a
 // connection that is gone.
+// The session has nothing more to read on this connection.
+bool settled(const AgencySession& session) {
+  return session.done() || session.failed() || session.must_reconnect();
+}
+
 common::Status receive_available(int fd, AgencySession& session) {
-  while (!session.done() && !session.failed()) {
+  while (!settled(session)) {
     std::span<std::byte> space = session.receive_space();
     ssize_t n = ::recv(fd, space.data(), space.size(), MSG_DONTWAIT);
     if (n > 0) {
@@ -110,6 +114,26 @@ common::Status receive_available(int fd, AgencySession& session) {
     return common::Error::from_errno("recv");
   }
   return common::ok_status();
+}
+
+common::Error come_back_reason(proto::Status status) {
+  if (status == proto::Status::producer_busy)
+    return common::Error::make(EBUSY,
+                               "the server answered producer_busy: another connection holds this producer's stream "
+                               "(another client on the same agency and data file, or our previous connection not "
+                               "yet closed)");
+  return common::Error::make(EAGAIN, std::string("the server answered ") + proto::status_name(status));
+}
+
+common::Error gave_up(const HostPort& server, uint32_t attempts, const common::Error& last) {
+  if (last.code == EBUSY)
+    return common::Error::make(last.code, "server " + server.host + ":" + std::to_string(server.port) +
+                                              " kept this producer busy through " + std::to_string(attempts) +
+                                              " attempts (" + last.message +
+                                              "); stop the other client, or wait and run again");
+  return common::Error::make(last.code, "server " + server.host + ":" + std::to_string(server.port) +
+                                            " not reachable after " + std::to_string(attempts) + " attempts (last: " +
+                                            last.message + "); check that the server is up and server.address");
 }
 
 common::Status send_pending(int fd, AgencySession& session) {
@@ -199,11 +223,7 @@ common::Result<UniqueFd> connect_with_retry(const HostPort& server, const RetryP
     auto fd = connect_once(server, ctx);
     if (fd.ok()) return fd;
     if (ctx.stopped()) return stopped_error();
-    if (attempt >= policy.attempts)
-      return common::Error::make(fd.error().code, "server " + server.host + ":" + std::to_string(server.port) +
-                                                      " not reachable after " + std::to_string(attempt) +
-                                                      " attempts (last: " + fd.error().message +
-                                                      "); check that the server is up and server.address");
+    if (attempt >= policy.attempts) return gave_up(server, attempt, fd.error());
     auto delay = backoff_delay(policy, attempt);
     if (on_failure) on_failure(attempt, fd.error(), delay);
     if (!sleep_unless_stopped(delay, ctx)) return stopped_error();
@@ -214,6 +234,7 @@ RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx)
   while (true) {
     if (session.failed()) return {RunResult::session_failed, {}};
     if (session.done()) return {RunResult::done, {}};
+    if (session.must_reconnect()) return {RunResult::come_back_later, come_back_reason(session.retry_status())};
     if (ctx.stopped()) return {RunResult::stopped, {}};
     pollfd p{fd, POLLIN, 0};
     if (!session.pending_output().empty()) p.events |= POLLOUT;
@@ -229,35 +250,65 @@ RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx)
     // the close, so it must be read before the close is reported.
     if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
       if (auto st = receive_available(fd, session); !st.ok()) {
-        if (session.failed()) continue;
+        if (settled(session)) continue;
         return {RunResult::connection_lost, st.error()};
       }
     }
-    if (session.failed() || session.done()) continue;
+    if (settled(session)) continue;
     if (p.revents & POLLOUT) {
       if (auto st = send_pending(fd, session); !st.ok()) {
         // The server may have said why before closing: read it if it is there.
         (void)receive_available(fd, session);
-        if (session.failed()) continue;
+        if (settled(session)) continue;
         return {RunResult::connection_lost, st.error()};
       }
     }
   }
 }
 
-common::Result<uint64_t> random_producer_id() {
-  uint64_t id = 0;
-  auto* p = reinterpret_cast<unsigned char*>(&id);
-  size_t got = 0;
-  while (got < sizeof id) {
-    ssize_t n = ::getrandom(p + got, sizeof id - got, 0);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return common::Error::from_errno("getrandom");
+RunOutcome run_session_with_reconnect(const HostPort& server, const RetryPolicy& policy, AgencySession& session,
+                                      const WaitContext& ctx, ConnectionObserver& observer) {
+  LOTTERY_ASSERT(policy.attempts >= 1);
+  bool connected = false;   // some attempt reached the server
+  uint32_t failed = 0;      // attempts since the last HELLO ack that did not reach one
+  uint32_t idle_drops = 0;  // identified connections in a row that dropped without progress
+  common::Error why;        // what ended the previous attempt or connection
+  while (true) {
+    if (ctx.stopped()) return {RunResult::stopped, {}, connected};
+    if (connected) observer.on_reconnecting(failed + 1, session.batches_pending(), why);
+    auto fd = connect_once(server, ctx);
+    if (fd.ok()) {
+      if (connected) {
+        session.restart_on_new_connection();
+      } else {
+        observer.on_connected();
+        connected = true;
+      }
+      uint64_t progress_before = session.progress();
+      RunOutcome out = drive_session(fd->get(), session, ctx);
+      fd->reset();
+      if (out.result != RunResult::connection_lost && out.result != RunResult::come_back_later) {
+        out.ever_connected = true;
+        return out;
+      }
+      why = out.error;
+      if (session.identified()) {
+        failed = 0;
+        idle_drops = session.progress() == progress_before ? idle_drops + 1 : 0;
+        if (idle_drops == 0) continue;
+        if (!sleep_unless_stopped(backoff_delay(policy, idle_drops), ctx)) return {RunResult::stopped, {}, true};
+        continue;
+      }
+    } else {
+      if (ctx.stopped()) return {RunResult::stopped, {}, connected};
+      why = fd.error();
     }
-    got += static_cast<size_t>(n);
+    failed++;
+    if (failed >= policy.attempts) return {RunResult::unreachable, gave_up(server, failed, why), connected};
+    auto delay = backoff_delay(policy, failed);
+    if (!connected) observer.on_connect_failed(failed, why, delay);
+    if (!sleep_unless_stopped(delay, ctx)) return {RunResult::stopped, {}, connected};
   }
-  return id;
 }
 
 }  // namespace lottery::client

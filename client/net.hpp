@@ -1,6 +1,8 @@
 // The client's sockets: resolve and connect with a bounded backoff, then move
 // bytes between a socket and an AgencySession with ppoll() until the session
-// ends, fails, the connection drops or a stop signal arrives.
+// ends, fails, the connection drops or a stop signal arrives. A dropped
+// connection is replaced (same backoff) and the session resumes on the new
+// one (see AgencySession::restart_on_new_connection).
 //
 // Signals: the caller blocks SIGTERM/SIGINT and passes the mask to wait with
 // (the same mask, signals unblocked). ppoll() swaps it in atomically, so a
@@ -85,19 +87,44 @@ enum class RunResult : uint8_t {
   done,             // the session completed
   session_failed,   // see session.failure()
   stopped,          // the stop flag was set
-  connection_lost,  // see RunOutcome::error
+  connection_lost,  // drive_session only: see RunOutcome::error
+  come_back_later,  // drive_session only: the server said producer_busy or shutting_down
+  unreachable,      // run_session_with_reconnect only: every attempt failed, see RunOutcome::error
 };
 
 struct RunOutcome {
   RunResult result = RunResult::done;
   common::Error error;
+  bool ever_connected = false;  // run_session_with_reconnect: some attempt reached the server
 };
 
 // Drives the session over a connected non-blocking socket. Never busy-waits:
 // with nothing to send it sleeps in ppoll() until the server answers.
 RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx);
 
-// Producer id for HELLO, from getrandom(2) (Linux 3.17+).
-common::Result<uint64_t> random_producer_id();
+// What run_session_with_reconnect reports, for the log.
+class ConnectionObserver {
+ public:
+  virtual ~ConnectionObserver() = default;
+  // The first connection is up (HELLO not yet sent).
+  virtual void on_connected() {}
+  // An attempt at the first connection failed; the next one follows in `retry_in`.
+  virtual void on_connect_failed(uint32_t /*attempt*/, const common::Error& /*error*/,
+                                 std::chrono::milliseconds /*retry_in*/) {}
+  // About to try attempt `attempt` at replacing a lost connection; `why`
+  // ended the previous connection or attempt.
+  virtual void on_reconnecting(uint32_t /*attempt*/, uint32_t /*pending_batches*/, const common::Error& /*why*/) {}
+};
+
+// Connects, drives the session and, whenever the connection drops (EOF,
+// ECONNRESET, EPIPE, ...) or the server says producer_busy or shutting_down,
+// connects again and resumes the session. Attempts that end before a HELLO
+// ack count against policy.attempts, backing off as connect_with_retry does;
+// a HELLO ack starts the count over. After a connection that made progress
+// the next attempt is immediate; after one that dropped with none, it backs
+// off too, so a server that drops every connection is not hammered.
+// Returns done, session_failed, stopped or unreachable.
+RunOutcome run_session_with_reconnect(const HostPort& server, const RetryPolicy& policy, AgencySession& session,
+                                      const WaitContext& ctx, ConnectionObserver& observer);
 
 }  // namespace lottery::client

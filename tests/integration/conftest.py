@@ -42,7 +42,7 @@ def events(text, action=None):
 
 
 class Server:
-    def __init__(self, workdir, data_dir, args=(), env=None):
+    def __init__(self, workdir, data_dir, args=(), env=None, port=0):
         self.workdir = workdir
         self.data_dir = data_dir
         self.log_path = os.path.join(workdir, f"server-{int(time.time() * 1e6)}.log")
@@ -50,7 +50,7 @@ class Server:
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [os.path.join(BIN_DIR, "lottery-server"), "--ip", "127.0.0.1", "--port", "0", "--data-dir", data_dir,
+            [os.path.join(BIN_DIR, "lottery-server"), "--ip", "127.0.0.1", "--port", str(port), "--data-dir", data_dir,
              *args],
             cwd=workdir, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env)
         self.port = self._wait_for_port()

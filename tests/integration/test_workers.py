@@ -205,22 +205,30 @@ def test_sigkill_workers_during_ingestion(start_server, workdir):
         assert e["count"] == 20 and len(e["bets"]) == 20
 
 
-def test_agency_client_reports_a_cut_connection(start_server, workdir):
+def test_agency_client_recovers_from_a_cut_connection(start_server, workdir):
+    # Every worker is killed under a running agency client: it reports the
+    # cut, reconnects once the master has restarted them, resends what was
+    # not acknowledged, and every bet ends up stored once.
     data = os.path.join(workdir, "big")
-    datagen(data, "--agencies", "1", "--bets", "400000", "--winners-list", "1", "--seed", "3")
+    datagen(data, "--agencies", "1", "--bets", "200000", "--winners-list", "1", "--seed", "3")
     server = start_server(args=["--agencies", "1", "--workers", "1"])
     proc = run_client(1, server.address(), os.path.join(data, "agency-1.csv"), workdir, wait=False,
-                      env={"CLI_BATCH_MAXAMOUNT": "10"})
+                      env={"CLI_BATCH_MAXAMOUNT": "10", "CLI_LOOP_PERIOD": "50ms", "CLI_LOOP_AMOUNT": "100"})
     time.sleep(0.3)
     for child in subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split():
         os.kill(int(child), signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait(timeout=120)
     proc.log_file.close()
     log = read(proc.log_path)
-    assert proc.returncode != 0, log[-2000:]
-    failures = [e for e in events(log) if e[2] == "fail"]
-    assert failures and "error" in failures[0][3], log[-2000:]
+    assert proc.returncode == 0, log[-2000:]
+    cut = [e for e in events(log, "reconectar") if e[2] == "in_progress"]
+    assert cut and cut[0][3].get("error"), log[-2000:]
+    assert [e for e in events(log, "reconectar") if e[2] == "success"]
+    assert int(events(log, "consulta_ganadores")[-1][3]["cant_ganadores"]) == 1
     assert server.stop() == 0
+    stored = segments.read_store(server.data_dir)
+    assert sum(e["count"] for e in stored) == 200000
+    assert len({(e["agency"], e["producer"], e["seq"]) for e in stored}) == len(stored)
 
 
 def test_restart_after_draw_keeps_results_and_draws_once(start_server, workdir):

@@ -19,9 +19,19 @@ using namespace std::chrono_literals;
 namespace {
 
 // Every variable the client reads; each test starts with none of them set.
-const char* const client_env_vars[] = {
-    "CLI_SERVER_ADDRESS", "CLI_LOOP_AMOUNT", "CLI_LOOP_PERIOD", "CLI_LOG_LEVEL", "CLI_BATCH_MAXAMOUNT", "CLI_ID",
-    "CLI_DATA_FILE",      "NOMBRE",          "APELLIDO",        "DOCUMENTO",     "NACIMIENTO",          "NUMERO"};
+const char* const client_env_vars[] = {"CLI_SERVER_ADDRESS",
+                                       "CLI_LOOP_AMOUNT",
+                                       "CLI_LOOP_PERIOD",
+                                       "CLI_LOG_LEVEL",
+                                       "CLI_BATCH_MAXAMOUNT",
+                                       "CLI_ID",
+                                       "CLI_DATA_FILE",
+                                       "CLI_PRODUCER_ID",
+                                       "NOMBRE",
+                                       "APELLIDO",
+                                       "DOCUMENTO",
+                                       "NACIMIENTO",
+                                       "NUMERO"};
 
 class ClientConfigTest : public ::testing::Test {
  protected:
@@ -103,7 +113,15 @@ TEST_F(ClientConfigTest, DefaultsWhenNothingIsGiven) {
   EXPECT_EQ(c.inflight, 16u);
   EXPECT_EQ(c.agency_id, 4);
   EXPECT_EQ(c.data_file, ".data/agency-4.csv");
+  EXPECT_FALSE(c.producer_id.has_value());  // derived from the input
   EXPECT_FALSE(c.single_bet.has_value());
+}
+
+TEST_F(ClientConfigTest, ProducerIdFromEnvOrFlag) {
+  std::string empty = write_yaml("");
+  ::setenv("CLI_PRODUCER_ID", "18446744073709551615", 1);
+  EXPECT_EQ(resolve_ok(parse({"--config", empty, "--id", "4"})).producer_id, UINT64_MAX);
+  EXPECT_EQ(resolve_ok(parse({"--config", empty, "--id", "4", "--producer-id", "42"})).producer_id, 42u);
 }
 
 TEST_F(ClientConfigTest, DefaultConfigFileMayBeAbsent) {
@@ -249,6 +267,9 @@ TEST(ClientConfigResolve, ChecksEverySetting) {
   EXPECT_NE(with([](auto& s) { s.inflight = "0"; }).find("--inflight"), std::string::npos);
   EXPECT_NE(with([](auto& s) { s.inflight = "65"; }).find("--inflight"), std::string::npos);
   EXPECT_NE(with([](auto& s) { s.server_address = "no-port"; }).find("server.address"), std::string::npos);
+  // Zero means "no producer" on the wire.
+  EXPECT_NE(with([](auto& s) { s.producer_id = "0"; }).find("CLI_PRODUCER_ID"), std::string::npos);
+  EXPECT_NE(with([](auto& s) { s.producer_id = "18446744073709551616"; }).find("--producer-id"), std::string::npos);
 }
 
 TEST(ClientConfigResolve, ClampsBatchAmount) {
