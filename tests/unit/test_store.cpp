@@ -19,11 +19,12 @@ namespace {
 uint16_t number_mod(size_t i) { return static_cast<uint16_t>(i % 10000); }
 uint16_t number_winner_every_10(size_t i) { return i % 10 == 0 ? 7574 : static_cast<uint16_t>(i % 7000); }
 
-void append(store::Store& s, uint16_t agency, uint64_t seq, const std::vector<std::byte>& bets, uint16_t count) {
+void append(store::Store& s, uint16_t agency, uint64_t seq, const std::vector<std::byte>& bets, uint16_t count,
+            uint64_t producer = 42) {
   auto slot = s.reserve(bets.size());
   ASSERT_TRUE(slot.ok()) << slot.error().message;
   std::memcpy(*slot, bets.data(), bets.size());
-  s.commit(store::EntryMeta{agency, count, 42, seq}, bets.size());
+  s.commit(store::EntryMeta{agency, count, producer, seq}, bets.size());
 }
 
 uint64_t scan_all(const std::string& dir, uint64_t* entries = nullptr) {
@@ -183,8 +184,9 @@ TEST(Draw, WinnersPerAgencyAcrossWorkers) {
   for (uint16_t worker = 0; worker < 2; worker++) {
     auto s = store::Store::open({dir.path(), worker, store::segment_bytes_min});
     ASSERT_TRUE(s.ok());
-    append(**s, static_cast<uint16_t>(1 + worker), 1, bets, 100);
-    append(**s, 3, 2, bets, 100);
+    uint64_t producer = 100u + worker;  // each worker served its own producers
+    append(**s, static_cast<uint16_t>(1 + worker), 1, bets, 100, producer);
+    append(**s, 3, 2, bets, 100, producer);
     ASSERT_TRUE((*s)->close().ok());
   }
   auto r = run_draw(dir.path(), 7574, 3);
@@ -197,9 +199,26 @@ TEST(Draw, WinnersPerAgencyAcrossWorkers) {
   EXPECT_EQ(r->winners[1][0], docs[0]);
   EXPECT_EQ(r->winners[1][1], docs[10]);
   // Another winning number, no winners.
+  EXPECT_EQ(r->duplicates_skipped, 0u);
   auto none = run_draw(dir.path(), 9999, 3);
   ASSERT_TRUE(none.ok());
   EXPECT_EQ(none->total_winners(), 0u);
+}
+
+TEST(Draw, CountsAStoredDuplicateOnce) {
+  TempDir dir;
+  auto bets = testsupport::encode_bets(100, number_winner_every_10);
+  for (uint16_t worker = 0; worker < 2; worker++) {
+    auto s = store::Store::open({dir.path(), worker, store::segment_bytes_min});
+    ASSERT_TRUE(s.ok());
+    append(**s, 1, 1, bets, 100, 7);  // the same batch of the same producer, in two workers
+    ASSERT_TRUE((*s)->close().ok());
+  }
+  auto r = run_draw(dir.path(), 7574, 1);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->bets_scanned, 100u);
+  EXPECT_EQ(r->winners[1].size(), 10u);
+  EXPECT_EQ(r->duplicates_skipped, 1u);
 }
 
 namespace {
