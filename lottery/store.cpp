@@ -186,9 +186,18 @@ ScanResult scan_bytes(std::span<const std::byte> file, const std::function<void(
   return r;
 }
 
-common::Result<ScanResult> scan_segment(const std::string& path,
-                                        const std::function<void(const EntryView&)>& on_entry) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+namespace {
+
+// An existing file, opened and mapped whole (MAP_SHARED). An empty file is
+// not an error here: `map` is then null.
+struct MappedFile {
+  int fd = -1;
+  std::byte* map = nullptr;
+  size_t size = 0;
+};
+
+common::Result<MappedFile> map_existing(const std::string& path, bool writable) {
+  int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) return Error::from_errno(("open " + path).c_str());
   struct stat st {};
   if (::fstat(fd, &st) < 0) {
@@ -196,20 +205,34 @@ common::Result<ScanResult> scan_segment(const std::string& path,
     ::close(fd);
     return e;
   }
-  size_t size = static_cast<size_t>(st.st_size);
-  if (size == 0) {
+  MappedFile m{fd, nullptr, static_cast<size_t>(st.st_size)};
+  if (m.size == 0) return m;
+  void* map = ::mmap(nullptr, m.size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) {
+    Error e = Error::from_errno(("mmap " + path).c_str());
     ::close(fd);
+    return e;
+  }
+  m.map = static_cast<std::byte*>(map);
+  return m;
+}
+
+}  // namespace
+
+common::Result<ScanResult> scan_segment(const std::string& path,
+                                        const std::function<void(const EntryView&)>& on_entry) {
+  auto m = map_existing(path, false);
+  if (!m) return m.error();
+  ::close(m->fd);
+  if (m->map == nullptr) {
     ScanResult r;
     r.stopped_at_bad_entry = true;
     r.bad_reason = "empty file";
     return r;
   }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-  ::close(fd);
-  if (map == MAP_FAILED) return Error::from_errno(("mmap " + path).c_str());
-  ::madvise(map, size, MADV_SEQUENTIAL);
-  ScanResult r = scan_bytes({static_cast<const std::byte*>(map), size}, on_entry);
-  ::munmap(map, size);
+  ::madvise(m->map, m->size, MADV_SEQUENTIAL);
+  ScanResult r = scan_bytes({m->map, m->size}, on_entry);
+  ::munmap(m->map, m->size);
   return r;
 }
 
@@ -260,23 +283,16 @@ common::Result<std::unique_ptr<Store>> Store::open(const StoreOptions& options) 
 // the damaged bytes with a checksummed skip record. The last segment stays
 // mapped as the tail of the log.
 common::Status Store::recover_segment(const std::string& path, bool last) {
-  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) return Error::from_errno(("open " + path).c_str());
-  struct stat st {};
-  if (::fstat(fd, &st) < 0) {
-    Error e = Error::from_errno(("fstat " + path).c_str());
+  auto mapped = map_existing(path, true);
+  if (!mapped) return mapped.error();
+  int fd = mapped->fd;
+  size_t size = mapped->size;
+  if (mapped->map == nullptr) {
     ::close(fd);
-    return e;
+    return Error::make(EIO, path + ": empty file; move it away to start");
   }
-  size_t size = static_cast<size_t>(st.st_size);
-  void* map = size == 0 ? MAP_FAILED : ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (map == MAP_FAILED) {
-    Error e = size == 0 ? Error::make(EIO, path + ": empty file; move it away to start")
-                        : Error::from_errno(("mmap " + path).c_str());
-    ::close(fd);
-    return e;
-  }
-  auto* base = static_cast<std::byte*>(map);
+  std::byte* base = mapped->map;
+  void* map = base;
   std::span<const std::byte> file(base, size);
   ScanResult r;
   uint64_t per_agency[limits::agencies_max + 1] = {};
