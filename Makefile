@@ -149,7 +149,7 @@ test-install: build
 	tests/e2e/test_install.sh $(BUILD_DIR)
 
 # ---------------------------------------------------------------- benchmarks (issue 6)
-# make bench              ~10 min: lottery-server vs the discard sink vs Redis, micro-benchmarks,
+# make bench              ~12 min: lottery-server vs the discard sink vs Redis, micro-benchmarks,
 #                         charts; results in $(BUILD_DIR)/bench-results/ (see docs/PERFORMANCE.md)
 # make bench BENCH_QUICK=1  the same in ~3 min (fewer, shorter runs)
 BENCH_DEPS := redis-server gnuplot-nox
@@ -177,5 +177,9 @@ bench-deps:
 	  echo "bench-deps: optional$$optional missing (no perf profile); run: sudo apt-get install -y$$optional"; \
 	fi
 
-bench: build bench-deps
+# Only what the benchmark runs is built (not the tests).
+BENCH_TARGETS := lottery-server lottery-loadgen bench-discard-sink lottery_bench bench-alloc-count
+
+bench: deps bench-deps $(BUILD_DIR)/build.ninja
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target $(BENCH_TARGETS)
 	BIN_DIR=$(CURDIR)/$(BUILD_DIR)/bin BENCH_QUICK=$(BENCH_QUICK) bench/compare.sh

@@ -89,9 +89,12 @@ uint64_t LatencyHistogram::value_at_percentile(double percentile) const {
 
 const char* target_name(Target t) {
   switch (t) {
-    case Target::lottery: return "lottery";
-    case Target::discard: return "discard";
-    case Target::redis: return "redis";
+    case Target::lottery:
+      return "lottery";
+    case Target::discard:
+      return "discard";
+    case Target::redis:
+      return "redis";
   }
   return "?";
 }
@@ -183,15 +186,16 @@ uint64_t Rng::next() {
 namespace {
 
 // Names as an Argentine agency writes them: UTF-8, accents, ñ and ü.
-constexpr std::string_view first_names[] = {
-    "María",   "José",    "Juan Pablo", "Lucía",  "Martín", "Sofía",    "Agustín", "Valentina", "Joaquín", "Camila",
-    "Ramón",   "Inés",    "Begoña",     "Nicolás", "Julián", "Ana Belén", "Tomás",  "Mónica",    "Héctor",  "Sebastián",
-    "Florencia", "Iñaki", "Zoë",        "Noemí",  "Germán", "Débora",   "Andrés",  "Verónica",  "Raúl",    "Ángela"};
-constexpr std::string_view last_names[] = {
-    "Pérez",    "González", "Rodríguez", "Fernández", "López",  "Martínez", "Gómez",  "Díaz",     "Sánchez",
-    "Núñez",    "Ibáñez",   "Muñoz",     "Domínguez", "Peña",   "Güemes",   "Álvarez", "Giménez", "Benítez",
-    "Castaño",  "Ortúzar",  "De la Cruz", "Sáenz Peña", "Acuña", "Quiñones", "Ruiz",   "Suárez",   "Cáceres",
-    "Echeverría", "Avendaño", "Müller"};
+constexpr std::string_view first_names[] = {"María",   "José",      "Juan Pablo", "Lucía",     "Martín", "Sofía",
+                                            "Agustín", "Valentina", "Joaquín",    "Camila",    "Ramón",  "Inés",
+                                            "Begoña",  "Nicolás",   "Julián",     "Ana Belén", "Tomás",  "Mónica",
+                                            "Héctor",  "Sebastián", "Florencia",  "Iñaki",     "Zoë",    "Noemí",
+                                            "Germán",  "Débora",    "Andrés",     "Verónica",  "Raúl",   "Ángela"};
+constexpr std::string_view last_names[] = {"Pérez",     "González", "Rodríguez",  "Fernández",  "López",    "Martínez",
+                                           "Gómez",     "Díaz",     "Sánchez",    "Núñez",      "Ibáñez",   "Muñoz",
+                                           "Domínguez", "Peña",     "Güemes",     "Álvarez",    "Giménez",  "Benítez",
+                                           "Castaño",   "Ortúzar",  "De la Cruz", "Sáenz Peña", "Acuña",    "Quiñones",
+                                           "Ruiz",      "Suárez",   "Cáceres",    "Echeverría", "Avendaño", "Müller"};
 constexpr uint16_t birth_year_first = 1940;
 constexpr uint16_t birth_year_count = 66;  // 1940..2005
 constexpr uint64_t document_first = 10'000'000;
@@ -236,9 +240,13 @@ common::Result<BetList> load_csv_bets(const std::string& path) {
   client::CsvRecord record;
   while (true) {
     switch (reader.next(record)) {
-      case client::CsvReader::Step::bet: append_bet(out, record.bet); continue;
-      case client::CsvReader::Step::end: break;
-      case client::CsvReader::Step::error: return reader.error().to_error();
+      case client::CsvReader::Step::bet:
+        append_bet(out, record.bet);
+        continue;
+      case client::CsvReader::Step::end:
+        break;
+      case client::CsvReader::Step::error:
+        return reader.error().to_error();
     }
     break;
   }
@@ -278,8 +286,7 @@ size_t bet_bytes(const BetList& bets, size_t i) {
 
 }  // namespace
 
-void append_redis_rpush(std::vector<std::byte>& out, uint16_t agency, const BetList& bets, size_t first,
-                        size_t count) {
+void append_redis_rpush(std::vector<std::byte>& out, uint16_t agency, const BetList& bets, size_t first, size_t count) {
   std::string key = "bets:" + std::to_string(agency);
   append_text(out, "*" + std::to_string(count + 2) + "\r\n$5\r\nRPUSH\r\n$" + std::to_string(key.size()) + "\r\n" +
                        key + "\r\n");
@@ -347,7 +354,9 @@ std::vector<double> report_percentiles() {
 
 namespace {
 
-double us(uint64_t ns) { return static_cast<double>(ns) / 1000.0; }
+double us(uint64_t ns) {
+  return static_cast<double>(ns) / 1000.0;
+}
 
 // printf into a std::string; the attribute lets -Wformat check every call.
 __attribute__((format(printf, 1, 2))) std::string sfmt(const char* format, ...) {
@@ -376,17 +385,17 @@ std::string json_string(std::string_view s) {
 
 std::string format_text(const Report& r) {
   std::string s;
-  s += sfmt("target      %s at %s, %zu connections, %zu agencies, batch %zu, pipeline %zu, %s\n",
-           target_name(r.target), r.address.c_str(), r.connections, r.agencies, r.batch_bets, r.pipeline,
-           r.rate_target_bets_per_s > 0 ? sfmt("open loop at %.0f bets/s", r.rate_target_bets_per_s).c_str()
-                                        : "closed loop");
+  s += sfmt("target      %s at %s, %zu connections, %zu agencies, batch %zu, pipeline %zu, %s\n", target_name(r.target),
+            r.address.c_str(), r.connections, r.agencies, r.batch_bets, r.pipeline,
+            r.rate_target_bets_per_s > 0 ? sfmt("open loop at %.0f bets/s", r.rate_target_bets_per_s).c_str()
+                                         : "closed loop");
   s += sfmt("window      %.2f s after %.2f s of warm-up\n", r.window_s, r.warmup_s);
   s += sfmt("throughput  %.0f bets/s, %.1f MB/s, %.0f batches/s (%" PRIu64 " bets acknowledged)\n", r.bets_per_s(),
-           r.mb_per_s(), r.window_s > 0 ? static_cast<double>(r.batches) / r.window_s : 0.0, r.bets);
+            r.mb_per_s(), r.window_s > 0 ? static_cast<double>(r.batches) / r.window_s : 0.0, r.bets);
   const LatencyHistogram& h = r.latency;
   s += sfmt("ack latency p50 %.1f us, p90 %.1f us, p99 %.1f us, p99.9 %.1f us, max %.1f us (mean %.1f us)\n",
-           us(h.value_at_percentile(50)), us(h.value_at_percentile(90)), us(h.value_at_percentile(99)),
-           us(h.value_at_percentile(99.9)), us(h.max_ns()), h.mean_ns() / 1000.0);
+            us(h.value_at_percentile(50)), us(h.value_at_percentile(90)), us(h.value_at_percentile(99)),
+            us(h.value_at_percentile(99.9)), us(h.max_ns()), h.mean_ns() / 1000.0);
   if (r.server_cpu_s >= 0) {
     double per_million = r.bets > 0 ? r.server_cpu_s / (static_cast<double>(r.bets) / 1e6) : 0.0;
     s += sfmt("server cpu  %.2f s in the window, %.3f s per million bets\n", r.server_cpu_s, per_million);
@@ -408,14 +417,15 @@ std::string format_json(const Report& r) {
   s += "\"target\":" + json_string(target_name(r.target));
   s += ",\"address\":" + json_string(r.address);
   s += sfmt(",\"connections\":%zu,\"agencies\":%zu,\"batch\":%zu,\"pipeline\":%zu", r.connections, r.agencies,
-           r.batch_bets, r.pipeline);
+            r.batch_bets, r.pipeline);
   s += sfmt(",\"rate_target\":%.1f,\"warmup_s\":%.3f,\"window_s\":%.4f", r.rate_target_bets_per_s, r.warmup_s,
-           r.window_s);
+            r.window_s);
   s += sfmt(",\"bets\":%" PRIu64 ",\"batches\":%" PRIu64 ",\"bytes\":%" PRIu64, r.bets, r.batches, r.bytes);
   s += sfmt(",\"bets_per_s\":%.1f,\"mb_per_s\":%.3f", r.bets_per_s(), r.mb_per_s());
-  s += sfmt(",\"latency_us\":{\"p50\":%.2f,\"p90\":%.2f,\"p99\":%.2f,\"p999\":%.2f,\"max\":%.2f,\"min\":%.2f,\"mean\":%.2f}",
-           us(h.value_at_percentile(50)), us(h.value_at_percentile(90)), us(h.value_at_percentile(99)),
-           us(h.value_at_percentile(99.9)), us(h.max_ns()), us(h.min_ns()), h.mean_ns() / 1000.0);
+  s += sfmt(
+      ",\"latency_us\":{\"p50\":%.2f,\"p90\":%.2f,\"p99\":%.2f,\"p999\":%.2f,\"max\":%.2f,\"min\":%.2f,\"mean\":%.2f}",
+      us(h.value_at_percentile(50)), us(h.value_at_percentile(90)), us(h.value_at_percentile(99)),
+      us(h.value_at_percentile(99.9)), us(h.max_ns()), us(h.min_ns()), h.mean_ns() / 1000.0);
   s += ",\"percentiles\":[";
   bool first = true;
   for (double p : report_percentiles()) {
@@ -427,22 +437,23 @@ std::string format_json(const Report& r) {
   double per_million = r.server_cpu_s >= 0 && r.bets > 0 ? r.server_cpu_s / (static_cast<double>(r.bets) / 1e6) : -1;
   s += sfmt(",\"server_cpu_s_per_million_bets\":%.4f", per_million);
   s += sfmt(",\"batches_sent_total\":%" PRIu64 ",\"batches_acked_total\":%" PRIu64, r.batches_sent_total,
-           r.batches_acked_total);
+            r.batches_acked_total);
   s += ",\"errors\":{";
   first = true;
   for (const auto& [name, count] : r.errors) {
     s += (first ? "" : ",") + json_string(name) + sfmt(":%" PRIu64, count);
     first = false;
   }
-  s += sfmt("},\"error_count\":%" PRIu64 ",\"finished_sent\":%s}\n", r.error_count(), r.finished_sent ? "true" : "false");
+  s += sfmt("},\"error_count\":%" PRIu64 ",\"finished_sent\":%s}\n", r.error_count(),
+            r.finished_sent ? "true" : "false");
   return s;
 }
 
 std::string format_progress(double elapsed_s, double bets_per_s, double mb_per_s, const LatencyHistogram& interval,
                             uint64_t errors) {
-  return sfmt("%6.1f s %12.0f bets/s %8.1f MB/s  p50 %8.1f us  p99 %8.1f us  max %9.1f us  errors %" PRIu64,
-             elapsed_s, bets_per_s, mb_per_s, us(interval.value_at_percentile(50)),
-             us(interval.value_at_percentile(99)), us(interval.max_ns()), errors);
+  return sfmt("%6.1f s %12.0f bets/s %8.1f MB/s  p50 %8.1f us  p99 %8.1f us  max %9.1f us  errors %" PRIu64, elapsed_s,
+              bets_per_s, mb_per_s, us(interval.value_at_percentile(50)), us(interval.value_at_percentile(99)),
+              us(interval.max_ns()), errors);
 }
 
 double process_cpu_seconds(int pid) {

@@ -186,9 +186,9 @@ struct Report {
   uint64_t bytes = 0;  // request bytes of those batches
   uint64_t batches_sent_total = 0;
   uint64_t batches_acked_total = 0;
-  LatencyHistogram latency;  // batch acknowledgement latency, within the window
+  LatencyHistogram latency;                // batch acknowledgement latency, within the window
   std::map<std::string, uint64_t> errors;  // by status name (or connection event)
-  double server_cpu_s = -1;  // -1: not measured
+  double server_cpu_s = -1;                // -1: not measured
   double client_cpu_s = 0;
   bool finished_sent = false;
 

@@ -22,7 +22,9 @@ constexpr int exit_setup_failed = 2;
 
 std::atomic<bool> g_stop{false};
 
-void on_stop_signal(int) { g_stop.store(true, std::memory_order_relaxed); }
+void on_stop_signal(int) {
+  g_stop.store(true, std::memory_order_relaxed);
+}
 
 }  // namespace
 

@@ -236,8 +236,8 @@ common::Status Runner::connect_all() {
   if (!server) return common::Error::make(EINVAL, "--address " + _o.address + ": " + server.error().message);
   _epfd = ::epoll_create1(EPOLL_CLOEXEC);
   if (_epfd < 0) return common::Error::from_errno("epoll_create1");
-  client::RetryPolicy policy{.attempts = 20, .base = std::chrono::milliseconds(50),
-                             .cap = std::chrono::milliseconds(500)};
+  client::RetryPolicy policy{
+      .attempts = 20, .base = std::chrono::milliseconds(50), .cap = std::chrono::milliseconds(500)};
   client::WaitContext ctx{.stop = _stop, .wait_mask = nullptr};
   _conns.resize(_o.connections);
   std::vector<bool> agency_has_owner(_pools.size(), false);
@@ -254,8 +254,9 @@ common::Status Runner::connect_all() {
     c.in.resize(receive_buffer_bytes);
     c.ring.resize(_o.pipeline);
     auto fd = client::connect_with_retry(*server, policy, ctx, [](uint32_t, const common::Error&, auto) {});
-    if (!fd) return common::Error::make(fd.error().code, "connection " + std::to_string(i + 1) + " to " + _o.address +
-                                                             ": " + fd.error().message);
+    if (!fd)
+      return common::Error::make(
+          fd.error().code, "connection " + std::to_string(i + 1) + " to " + _o.address + ": " + fd.error().message);
     c.fd = fd->release();
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
@@ -439,7 +440,9 @@ size_t Runner::parse_lottery(Conn& c, const std::byte* p, size_t n) {
         }
         c.state = ConnState::ready;
         break;
-      case proto::MsgType::batch: complete(c, r.header.seq, ok ? nullptr : proto::status_name(r.status)); break;
+      case proto::MsgType::batch:
+        complete(c, r.header.seq, ok ? nullptr : proto::status_name(r.status));
+        break;
       case proto::MsgType::finished:
         if (!ok) count_error(std::string("finished:") + proto::status_name(r.status));
         if (c.state == ConnState::finishing) {
@@ -447,7 +450,9 @@ size_t Runner::parse_lottery(Conn& c, const std::byte* p, size_t n) {
           _finish_pending--;
         }
         break;
-      default: fail_conn(c, "unexpected_reply"); return n;
+      default:
+        fail_conn(c, "unexpected_reply");
+        return n;
     }
   }
   return used;
@@ -492,9 +497,15 @@ void Runner::on_readable(Conn& c) {
       c.in_len += static_cast<size_t>(n);
       size_t used = 0;
       switch (_o.target) {
-        case Target::lottery: used = parse_lottery(c, c.in.data(), c.in_len); break;
-        case Target::discard: used = parse_discard(c, c.in.data(), c.in_len); break;
-        case Target::redis: used = parse_redis(c, c.in.data(), c.in_len); break;
+        case Target::lottery:
+          used = parse_lottery(c, c.in.data(), c.in_len);
+          break;
+        case Target::discard:
+          used = parse_discard(c, c.in.data(), c.in_len);
+          break;
+        case Target::redis:
+          used = parse_redis(c, c.in.data(), c.in_len);
+          break;
       }
       if (c.fd < 0) return;
       std::memmove(c.in.data(), c.in.data() + used, c.in_len - used);
@@ -503,7 +514,8 @@ void Runner::on_readable(Conn& c) {
     }
     if (n == 0) {
       bool expected = c.state == ConnState::done && c.ring_count == 0;
-      if (!expected) fail_conn(c, "connection_closed_by_server");
+      if (!expected)
+        fail_conn(c, "connection_closed_by_server");
       else {
         ::close(c.fd);
         c.fd = -1;
@@ -640,7 +652,7 @@ Report Runner::run() {
     poll_once(timeout < spin_below_ns ? 0 : timeout);
   }
   if (_measuring) close_window(timed ? now_ns() : _last_ack);  // bets mode, or a stop before the end
-  if (_window_start == 0) _window_start = _window_end;          // stopped during the warm-up
+  if (_window_start == 0) _window_start = _window_end;         // stopped during the warm-up
   _report.window_s = static_cast<double>(_window_end - _window_start) / 1e9;
   if (_show_progress) std::fprintf(stderr, "\n");
   return _report;
