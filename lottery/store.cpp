@@ -85,6 +85,10 @@ bool parse_durability(std::string_view text, Durability& out) {
   return true;
 }
 
+namespace {
+std::string prepared_path(const std::string& final_path) { return final_path + ".next"; }
+}  // namespace
+
 std::string segment_file_name(uint16_t worker_id, uint64_t index) {
   char name[64];
   std::snprintf(name, sizeof name, "segment-w%03u-%08llu.lseg", static_cast<unsigned>(worker_id),
@@ -274,6 +278,10 @@ common::Result<std::unique_ptr<Store>> Store::open(const StoreOptions& options) 
   if (s->_map == nullptr) {
     if (auto st = s->open_segment(s->_segment_index + 1, true); !st) return st.error();
   }
+  // A ".next" file left by a process that died is never part of the log.
+  std::string stale = prepared_path(options.data_dir + "/" + segment_file_name(options.worker_id, s->_segment_index + 1));
+  ::unlink(stale.c_str());
+  s->prepare_next_segment(std::nullopt);
   return s;
 }
 
@@ -411,6 +419,91 @@ common::Result<Store::Mapping> Store::map_segment(uint64_t index, bool create) {
   return Mapping{fd, static_cast<std::byte*>(map), capacity, path};
 }
 
+namespace {
+
+// Creates a segment file at `path`: allocated, mapped, header written, pages
+// prefaulted. Runs on the preparing thread: it touches nothing of the Store.
+common::Result<Store::Mapping> create_prepared(const std::string& path, uint16_t worker_id, uint64_t index,
+                                               size_t capacity) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Error::from_errno(("open " + path).c_str());
+  if (int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(capacity)); rc != 0) {
+    ::close(fd);
+    ::unlink(path.c_str());
+    return Error::from_errno(("posix_fallocate " + path + " (is the disk full?)").c_str(), rc);
+  }
+  void* map = ::mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) {
+    Error e = Error::from_errno(("mmap " + path).c_str());
+    ::close(fd);
+    ::unlink(path.c_str());
+    return e;
+  }
+  write_segment_header(static_cast<std::byte*>(map), SegmentHeader{worker_id, index, capacity, unix_now_ns()});
+  ::msync(map, segment_header_bytes, MS_SYNC);
+  // MADV_POPULATE_WRITE (Linux 5.14) faults every page in now, on this
+  // thread. An older kernel says EINVAL: the loop then takes the faults.
+  ::madvise(map, capacity, MADV_POPULATE_WRITE);
+  return Store::Mapping{fd, static_cast<std::byte*>(map), capacity, path};
+}
+
+}  // namespace
+
+void Store::prepare_next_segment(std::optional<Mapping> release) {
+  LOTTERY_ASSERT(!_next.valid());
+  _next_index = _segment_index + 1;
+  std::string path = prepared_path(_options.data_dir + "/" + segment_file_name(_options.worker_id, _next_index));
+  uint16_t worker = _options.worker_id;
+  uint64_t index = _next_index;
+  size_t capacity = _options.segment_bytes;
+  _next = std::async(std::launch::async, [release, path, worker, index, capacity]() {
+    if (release) {
+      ::munmap(release->map, release->capacity);
+      ::close(release->fd);
+    }
+    return create_prepared(path, worker, index, capacity);
+  });
+}
+
+common::Result<Store::Mapping> Store::take_prepared_segment() {
+  if (!_next.valid()) return Error::make(ENOENT, "no prepared segment");
+  auto prepared = _next.get();  // waits if the thread is still at it
+  if (!prepared) return prepared.error();
+  if (_next_index != _segment_index + 1) {
+    discard(*prepared);
+    return Error::make(ENOENT, "the prepared segment is not the next one");
+  }
+  std::string final_path = _options.data_dir + "/" + segment_file_name(_options.worker_id, _next_index);
+  if (::rename(prepared->path.c_str(), final_path.c_str()) < 0) {
+    Error e = Error::from_errno(("rename " + prepared->path).c_str());
+    discard(*prepared);
+    return e;
+  }
+  prepared->path = final_path;
+  // The new name must survive a crash before anything in the file is
+  // acknowledged as durable.
+  if (_options.durability != Durability::none) {
+    int dfd = ::open(_options.data_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      ::fsync(dfd);
+      ::close(dfd);
+    }
+  }
+  return prepared;
+}
+
+void Store::discard(const Mapping& m) {
+  ::munmap(m.map, m.capacity);
+  ::close(m.fd);
+  ::unlink(m.path.c_str());
+}
+
+void Store::discard_prepared_segment() {
+  if (!_next.valid()) return;
+  auto prepared = _next.get();
+  if (prepared) discard(*prepared);
+}
+
 common::Status Store::open_segment(uint64_t index, bool create) {
   LOTTERY_ASSERT(_map == nullptr);
   auto m = map_segment(index, create);
@@ -445,15 +538,16 @@ common::Result<std::byte*> Store::reserve(size_t payload_bytes) {
     // this fails (ENOSPC) and the current segment stays as it was, so a later
     // batch can try again once space returns. The old segment's free tail
     // stays zeroed, which readers take as its end.
-    auto next = map_segment(_segment_index + 1, true);
+    auto next = take_prepared_segment();
+    if (!next) next = map_segment(_segment_index + 1, true);  // none prepared, or preparing failed
     if (!next) return next.error();
     Mapping old{_fd, _map, _capacity, _path};
+    std::optional<Mapping> release;
     if (_options.durability != Durability::none && _synced != _tail) {
       _retired.push_back(old);  // synced by the next sync(), before its batches are acknowledged
       _old_segment_dirty = true;
     } else {
-      ::munmap(old.map, old.capacity);
-      ::close(old.fd);
+      release = old;
     }
     _fd = next->fd;
     _map = next->map;
@@ -462,6 +556,7 @@ common::Result<std::byte*> Store::reserve(size_t payload_bytes) {
     _segment_index++;
     _tail = segment_header_bytes;
     _synced = _tail;
+    prepare_next_segment(release);
   }
   _reserved = payload_bytes;
   _reserved_active = true;
@@ -521,6 +616,7 @@ common::Status Store::sync() {
 
 common::Status Store::close() {
   LOTTERY_ASSERT(!_reserved_active);
+  discard_prepared_segment();
   // A graceful stop makes everything durable, whatever the policy.
   common::Status st = sync();
   if (st && _map != nullptr && ::fdatasync(_fd) < 0) st = Error::from_errno(("fdatasync " + _path).c_str());
@@ -529,6 +625,7 @@ common::Status Store::close() {
 }
 
 Store::~Store() {
+  discard_prepared_segment();
   for (Mapping& m : _retired) {
     ::munmap(m.map, m.capacity);
     ::close(m.fd);

@@ -11,7 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -162,13 +164,25 @@ class Store {
 
  private:
   explicit Store(StoreOptions options) : _options(std::move(options)) {}
+public:
   struct Mapping {
     int fd = -1;
     std::byte* map = nullptr;
     size_t capacity = 0;
     std::string path;
   };
+
+ private:
   common::Result<Mapping> map_segment(uint64_t index, bool create);
+  // The next segment is created, allocated and prefaulted by a helper thread
+  // while the current one fills, so the event loop neither waits for
+  // posix_fallocate nor takes a page fault per 4 KiB of new segment. The
+  // thread also unmaps the segment just left (munmap of a large dirty mapping
+  // is slow too). It writes to a ".next" file that the roll-over renames.
+  void prepare_next_segment(std::optional<Mapping> release);
+  common::Result<Mapping> take_prepared_segment();
+  void discard_prepared_segment();
+  static void discard(const Mapping& m);
   common::Status open_segment(uint64_t index, bool create);
   common::Status unmap_current();
   common::Status recover_segment(const std::string& path, bool last);
@@ -187,6 +201,8 @@ class Store {
   // Segments rolled over before their last bytes were synced: kept mapped
   // until the next sync() (durable modes only).
   std::vector<Mapping> _retired;
+  std::future<common::Result<Mapping>> _next;  // valid while a next segment is being (or was) prepared
+  uint64_t _next_index = 0;
   uint64_t _sync_count = 0;
   void (*_sync_hook)(void*) = nullptr;
   void* _sync_hook_arg = nullptr;
