@@ -128,6 +128,23 @@ const char* check_name(std::string_view name) {
   size_t n = name.size();
   size_t i = 0;
   while (i < n) {
+    // Fast path, 8 bytes at a time, while they are plain printable ASCII
+    // without a comma: most name bytes are. Any other byte falls to the
+    // byte-by-byte checks below, which say what is wrong or walk the UTF-8
+    // sequence. (Exact SWAR tests: every byte is < 0x80 when they run.)
+    constexpr uint64_t ones = 0x0101010101010101ull;
+    constexpr uint64_t highs = 0x8080808080808080ull;
+    while (n - i >= 8) {
+      uint64_t w;
+      std::memcpy(&w, s + i, 8);
+      if (w & highs) break;
+      uint64_t below_space = (w - 0x20 * ones) & ~w & highs;
+      uint64_t del = ((w ^ (0x7F * ones)) - ones) & ~(w ^ (0x7F * ones)) & highs;
+      uint64_t comma = ((w ^ (0x2C * ones)) - ones) & ~(w ^ (0x2C * ones)) & highs;
+      if (below_space | del | comma) break;
+      i += 8;
+    }
+    if (i >= n) break;
     unsigned c = s[i];
     if (c < 0x80) {
       if (c < 0x20 || c == 0x7F) return "name has a control character";

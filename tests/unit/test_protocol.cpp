@@ -279,3 +279,26 @@ TEST(Dates, ParseAndCalendar) {
   EXPECT_FALSE(is_calendar_date(Date{2100, 2, 29}));
   EXPECT_FALSE(is_calendar_date(Date{2023, 4, 31}));
 }
+
+// The 8-bytes-at-a-time fast path of check_name must agree with the byte
+// rules for every byte value at every position of a chunk.
+TEST(Validation, NameFastPathAgreesWithByteRules) {
+  for (size_t len : {8u, 9u, 15u, 16u, 24u, 31u}) {
+    for (size_t pos = 0; pos < len; pos++) {
+      for (unsigned b = 0; b < 256; b++) {
+        std::string name(len, 'a');
+        name[pos] = static_cast<char>(b);
+        bool ascii_ok = b >= 0x20 && b < 0x7F && b != ',';
+        const char* why = check_name(name);
+        if (b < 0x80) {
+          EXPECT_EQ(why == nullptr, ascii_ok) << "len " << len << " pos " << pos << " byte " << b;
+        } else {
+          // A lone byte >= 0x80 is never valid UTF-8.
+          EXPECT_NE(why, nullptr) << "len " << len << " pos " << pos << " byte " << b;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(check_name("Agustín Emanuel de la Santísima Trinidad"), nullptr);
+  EXPECT_NE(check_name("Agustín Emanuel de la Santísima,Trinidad"), nullptr);
+}
