@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <memory>
 #include <mutex>
 
@@ -16,25 +17,56 @@ namespace {
 // Writes each formatted line with a single write(2). spdlog's stock sinks go
 // through stdio, whose buffering may split a line across writes and so let
 // lines of different worker processes interleave.
+void write_all(const char* p, size_t left) {
+  while (left > 0) {
+    ssize_t n = ::write(STDERR_FILENO, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;  // Nowhere left to report a failing log; drop the line.
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+}
+
 class SingleWriteSink final : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  void set_deferred(bool deferred) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!deferred) flush_pending();
+    _deferred = deferred;
+  }
+
  protected:
   void sink_it_(const spdlog::details::log_msg& msg) override {
     spdlog::memory_buf_t line;
     formatter_->format(msg, line);
-    const char* p = line.data();
-    size_t left = line.size();
-    while (left > 0) {
-      ssize_t n = ::write(STDERR_FILENO, p, left);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return;  // Nowhere left to report a failing log; drop the line.
-      }
-      p += n;
-      left -= static_cast<size_t>(n);
+    if (!_deferred || line.size() > pipe_atomic_bytes) {
+      flush_pending();
+      write_all(line.data(), line.size());
+      return;
     }
+    if (_pending_len + line.size() > pipe_atomic_bytes) flush_pending();
+    std::memcpy(_pending + _pending_len, line.data(), line.size());
+    _pending_len += line.size();
   }
-  void flush_() override {}
+  void flush_() override { flush_pending(); }
+
+ private:
+  void flush_pending() {
+    write_all(_pending, _pending_len);
+    _pending_len = 0;
+  }
+
+  bool _deferred = false;
+  char _pending[pipe_atomic_bytes];
+  size_t _pending_len = 0;
 };
+
+std::shared_ptr<SingleWriteSink>& sink_slot() {
+  static std::shared_ptr<SingleWriteSink> sink;
+  return sink;
+}
 
 // The heritage format spells levels in capitals ("INFO"); spdlog's %l is lower case.
 class UpperLevelFlag final : public spdlog::custom_flag_formatter {
@@ -114,6 +146,8 @@ void Value::append_to(std::string& out) const {
 
 void init(Level l) {
   auto sink = std::make_shared<SingleWriteSink>();
+  if (sink_slot()) sink_slot()->set_deferred(false);
+  sink_slot() = sink;
   auto formatter = std::make_unique<spdlog::pattern_formatter>();
   formatter->add_flag<UpperLevelFlag>('*').set_pattern("%Y-%m-%d %H:%M:%S %* %v");
   sink->set_formatter(std::move(formatter));
@@ -121,6 +155,15 @@ void init(Level l) {
   current_level = l;
   logger->set_level(to_spdlog(l));
   logger_slot() = std::move(logger);
+}
+
+void set_deferred(bool deferred) {
+  get_logger();
+  sink_slot()->set_deferred(deferred);
+}
+
+void flush() {
+  get_logger()->flush();
 }
 
 void set_level(Level l) {

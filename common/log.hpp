@@ -8,6 +8,7 @@
 // is out before the reply that announces it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -55,6 +56,16 @@ struct Field {
   std::string_view key;
   Value value;
 };
+
+// Deferred mode, for an event loop: lines are gathered and written by
+// flush(), whole lines only, at most pipe_atomic_bytes per write(2) (so
+// writes to a pipe stay atomic and lines of different processes never
+// interleave). The loop calls flush() once per iteration, before it sends the
+// replies of that iteration: a line still goes out before the reply it
+// reports, with one system call for many lines instead of one each.
+inline constexpr size_t pipe_atomic_bytes = 4096;  // PIPE_BUF on Linux
+void set_deferred(bool deferred);
+void flush();
 
 // Configures the process-wide logger. Safe to call again (e.g. after fork).
 void init(Level level);

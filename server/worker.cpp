@@ -211,7 +211,12 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   });
   if (g_stop_signal != 0) loop.wake();  // a signal that came before the loop existed
 
+  // One write(2) per loop iteration for all of its log lines, made before
+  // the iteration's replies go out (the reactor flushes replies after this hook).
+  log::set_deferred(true);
+  loop.set_before_sleep([] { log::flush(); });
   loop.run();
+  log::set_deferred(false);
   g_reactor.store(nullptr);
   log::info("connections_closed", log::Outcome::success,
             {{"worker", worker_id}, {"accepted", loop.stats().accepted}, {"still_open", loop.connection_count()}});
