@@ -138,6 +138,7 @@ class EpollBackend final : public Backend {
     bool closed = false;
     bool sent_ready = false;  // a finished send to report
     bool peer_hup = false;    // the peer closed or reset: read on to the EOF
+    bool recv_ended = false;  // on_recv_end was reported: the stream is over
     int send_err = 0;
     const std::byte* send_data = nullptr;
     size_t send_size = 0;
@@ -202,7 +203,7 @@ class EpollBackend final : public Backend {
         events.on_released(id);
         continue;
       }
-      if (s->read_pending && s->receiving) read_some(*s, events);
+      if (s->read_pending && s->receiving && !s->recv_ended) read_some(*s, events);
     }
     _processing.clear();
     return count;
@@ -232,6 +233,9 @@ class EpollBackend final : public Backend {
         return;
       }
       s.read_pending = false;
+      // Reported once: a later edge (EPOLLHUP after EPOLLIN) must not read
+      // the socket again and report a second end.
+      s.recv_ended = true;
       events.on_recv_end(id, n == 0 ? 0 : errno);
       return;
     }

@@ -1,6 +1,7 @@
 // Reactor limits, unit last. The reactor knows bytes and descriptors only.
 #pragma once
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 
@@ -21,7 +22,28 @@ inline constexpr size_t connections_default = 4096;
 inline constexpr size_t events_per_wait_max = 256;
 inline constexpr size_t timers_max = 1024;
 
+// io_uring backend. Receive buffers live in one provided-buffer ring shared by
+// every connection; the kernel picks one per completion. 16 KiB holds a
+// typical request batch whole, and 512 of them (8 MiB, allocated at start-up)
+// let 512 connections each have a completion in flight in one batch before the
+// ring runs dry, which is back-pressure (recv re-armed later), not an error.
+inline constexpr size_t uring_buffer_bytes = 16 * 1024;
+inline constexpr size_t uring_buffer_count = 512;
+// Submission queue: one entry per operation queued in a poll; a fuller poll
+// submits early and goes on. Completion queue: multishot operations post many
+// completions per submission, so it is sized well beyond the SQ.
+inline constexpr unsigned uring_sq_entries = 512;
+inline constexpr unsigned uring_cq_entries = 8192;
+inline constexpr size_t uring_listeners_max = 16;
+inline constexpr size_t uring_watches_max = 32;
+
 static_assert(input_buffer_bytes >= 2 * read_chunk_bytes);
+// One provided buffer is one read, so the input buffer's "leftover plus one
+// more chunk" still holds.
+static_assert(uring_buffer_bytes <= read_chunk_bytes);
+// The kernel names a buffer with 16 bits and indexes the ring with a mask.
+static_assert(std::has_single_bit(uring_buffer_count) && uring_buffer_count <= 32768);
+static_assert(uring_cq_entries >= 4 * uring_sq_entries);
 static_assert(output_high_water_bytes < output_buffer_bytes);
 
 }  // namespace reactor::limits

@@ -272,6 +272,17 @@ void Reactor::flush_dirty() {
 
 void Reactor::start_send(ConnId id, Conn& c) {
   if (c.out == nullptr || c.out_tail == c.out_head) return;
+  LOTTERY_ASSERT(!c.send_in_flight);
+  if (c.out_head > 0) {
+    // Unsent bytes move to the front before a send pins them: while it is in
+    // flight only the room after out_tail is free (send_space), and a
+    // connection that resumes reading with its room stuck behind a pinned
+    // tail would pile input up until input_overflow.
+    size_t live = c.out_tail - c.out_head;
+    std::memmove(c.out, c.out + c.out_head, live);
+    c.out_head = c.out_sending = 0;
+    c.out_tail = live;
+  }
   c.send_in_flight = true;
   c.out_sending = c.out_tail;
   _backend->send(id, c.out + c.out_head, c.out_sending - c.out_head);
