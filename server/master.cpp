@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <cstdio>
 #include <atomic>
 #include <cstring>
@@ -116,8 +117,9 @@ class Master {
 };
 
 common::Status Master::take_server_lock() {
-  if (::mkdir(_cfg.data_dir.c_str(), 0755) < 0 && errno != EEXIST)
-    return common::Error::from_errno(("mkdir " + _cfg.data_dir).c_str());
+  std::error_code ec;
+  std::filesystem::create_directories(_cfg.data_dir, ec);  // like mkdir -p
+  if (ec) return common::Error::make(ec.value(), "mkdir -p " + _cfg.data_dir + ": " + ec.message());
   std::string path = _cfg.data_dir + "/" + server_lock_file_name;
   _lock_fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (_lock_fd < 0) return common::Error::from_errno(("open " + path).c_str());
