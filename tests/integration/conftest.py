@@ -82,6 +82,27 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
 
+def io_uring_refusal():
+    """Why this machine cannot run io_uring, or None. Asks the kernel the
+    way the server does: io_uring_setup(2)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)
+    fd = libc.syscall(425, 4, params)  # __NR_io_uring_setup on x86-64
+    if fd >= 0:
+        os.close(fd)
+        return None
+    return f"io_uring_setup failed: {os.strerror(ctypes.get_errno())}"
+
+
+@pytest.fixture(autouse=True)
+def _backend_available():
+    if os.environ.get("SERVER_IO") in ("uring", "io_uring"):
+        why = io_uring_refusal()
+        if why:
+            pytest.skip(f"SERVER_IO=uring but {why}")
+
+
 @pytest.fixture
 def workdir():
     with tempfile.TemporaryDirectory(prefix="lottery-it-") as d:
