@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # epoll vs io_uring on the same load: 1 and 16 connections, 2 workers,
-# durability none; alternated, ROUNDS rounds of SECONDS s. Prints one line per
+# durability none; alternated, ROUNDS rounds of RUN_SECONDS s. Prints one line per
 # run: backend connections round bets/s p50_us p99_us. (docs/PERFORMANCE.md)
 set -euo pipefail
 BIN_DIR=${BIN_DIR:-build/bin}
 PORT=${PORT:-23461}
 ROUNDS=${ROUNDS:-3}
-SECONDS_PER_RUN=${SECONDS:-3}
+SECONDS_PER_RUN=${RUN_SECONDS:-3}  # not SECONDS: bash sets that one
 DATA=$(mktemp -d)
 trap 'rm -rf "$DATA"' EXIT
 if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then
