@@ -402,6 +402,13 @@ void Reactor::on_released(ConnId id) {
 
 Reactor::TimerId Reactor::add_timer(uint64_t delay_ms, std::function<void()> callback) {
   TimerId id = _next_timer_id++;
+  if (_timer_heap.size() >= limits::timers_max) {
+    // Cancelled timers stay in the heap until their deadline; drop them now
+    // rather than fail a caller that adds and cancels often.
+    auto later = [](const Timer& a, const Timer& b) { return a.deadline_ms > b.deadline_ms; };
+    std::erase_if(_timer_heap, [this](const Timer& t) { return _timer_callbacks.count(t.id) == 0; });
+    std::make_heap(_timer_heap.begin(), _timer_heap.end(), later);
+  }
   LOTTERY_ASSERT(_timer_heap.size() < limits::timers_max);
   _timer_heap.push_back(Timer{now_ms() + delay_ms, id});
   std::push_heap(_timer_heap.begin(), _timer_heap.end(),

@@ -937,3 +937,21 @@ TEST(ReactorUringSetup, BlockedIoUringIsOneClearError) {
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0);
 }
+
+// Adding and cancelling timers far more often than timers_max must not run
+// the heap out of room (cancelled entries are purged).
+TEST(ReactorTimers, ManyAddAndCancelCycles) {
+  auto r = reactor::Reactor::create(BackendKind::epoll, reactor::Options{.max_connections = 4});
+  ASSERT_TRUE(r.ok());
+  for (size_t i = 0; i < 10 * reactor::limits::timers_max; i++) {
+    auto id = (*r)->add_timer(60'000, [] {});
+    (*r)->cancel_timer(id);
+  }
+  bool fired = false;
+  (*r)->add_timer(1, [&] {
+    fired = true;
+    (*r)->stop();
+  });
+  (*r)->run();
+  EXPECT_TRUE(fired);
+}
