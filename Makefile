@@ -25,6 +25,8 @@ help:
 	@echo "make test    - install deps, build, run every test (ctest)"
 	@echo "make build   - configure and build into $(BUILD_DIR)/ (binaries in $(BUILD_DIR)/bin)"
 	@echo "make asan    - build with ASan+UBSan into $(ASAN_BUILD_DIR)/ and run the tests"
+	@echo "make fuzz    - libFuzzer targets (clang, ASan+UBSan): replay the corpora, fuzz each FUZZ_SECONDS"
+	@echo "make bench-idle - server memory per idle connection (10,000 of them) and against bets stored"
 	@echo "make deps    - install the Debian packages (apt-get as root, else prints the command)"
 
 deps:
@@ -183,3 +185,17 @@ BENCH_TARGETS := lottery-server lottery-loadgen bench-discard-sink lottery_bench
 bench: deps bench-deps $(BUILD_DIR)/build.ninja
 	cmake --build $(BUILD_DIR) -j $(JOBS) --target $(BENCH_TARGETS)
 	BIN_DIR=$(CURDIR)/$(BUILD_DIR)/bin BENCH_QUICK=$(BENCH_QUICK) bench/compare.sh
+
+# ---------------------------------------------------------------- hostile input (issue 8)
+# Server memory per idle connection and against the bets stored
+# (docs/PERFORMANCE.md "Memory: idle connections and stored bets").
+IDLE_CONNECTIONS ?= 10000
+IDLE_BETS ?= 2000000
+IDLE_IO ?= epoll
+
+.PHONY: bench-idle
+
+bench-idle: deps $(BUILD_DIR)/build.ninja
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target lottery-server bench-idle-connections
+	$(BUILD_DIR)/bin/bench-idle-connections --bin-dir $(BUILD_DIR)/bin --connections $(IDLE_CONNECTIONS) \
+	  --bets $(IDLE_BETS) --io $(IDLE_IO)

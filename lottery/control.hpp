@@ -55,6 +55,9 @@ struct alignas(64) WorkerSlot {
   std::atomic<uint64_t> errors;  // rejected batches and protocol errors
   std::atomic<uint64_t> syncs;   // msyncs of the store (durability group/always)
   std::atomic<uint64_t> duplicates;  // resent batches acknowledged without storing
+  std::atomic<uint64_t> connections_refused;    // over a connection cap
+  std::atomic<uint64_t> connections_timed_out;  // handshake or idle deadline
+  std::atomic<uint64_t> connections_dropped;    // replies not read (stalled, or input overflow)
   alignas(64) std::atomic<uint32_t> writing;  // 1 while committing a batch
   std::atomic<uint32_t> alive;
 };
@@ -108,6 +111,8 @@ struct ControlLayout {
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared-memory atomics must be lock-free");
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
 static_assert(sizeof(WorkerSlot) % 64 == 0);
+// The slot's size is part of the file layout (docs/STORAGE.md).
+static_assert(sizeof(WorkerSlot) == 192);
 
 class Control {
  public:

@@ -37,6 +37,8 @@ const char* status_name(Status s) {
     case Status::storage_full: return "storage_full";
     case Status::shutting_down: return "shutting_down";
     case Status::too_many_connections: return "too_many_connections";
+    case Status::handshake_timeout: return "handshake_timeout";
+    case Status::idle_timeout: return "idle_timeout";
   }
   return "unknown_status";
 }
@@ -238,12 +240,15 @@ std::optional<Rejection> validate_batch_parts(uint16_t agency, uint16_t count, B
   if (agency < 1 || agency > ctx.agencies)
     return Rejection{Status::invalid_agency, no_bet_index, "agency is not a known agency"};
   if (count == 0) return Rejection{Status::malformed_body, no_bet_index, "batch holds no bets"};
-  if (count > limits::batch_bets_max)
+  if (count > ctx.batch_bets_max)
     return Rejection{Status::too_many_bets, no_bet_index, "batch holds more than batch_bets_max bets"};
   BetCursor cursor(bets);
   for (uint16_t i = 0; i < count; i++) {
     Bet bet;
-    if (!cursor.next(bet)) return Rejection{Status::malformed_body, i, "bet is truncated"};
+    if (cursor.remaining() < limits::bet_fixed_bytes)
+      return Rejection{Status::malformed_body, i, "bet is truncated: the body ends before the bet's fixed part"};
+    if (!cursor.next(bet))
+      return Rejection{Status::malformed_body, i, "a bet's field length runs past the end of the body"};
     if (auto r = check_bet(bet, ctx)) {
       r->index = i;
       return r;

@@ -60,7 +60,10 @@ enum class Status : uint16_t {
   storage_error = 30,
   storage_full = 31,
   shutting_down = 32,
-  too_many_connections = 33,
+  too_many_connections = 33,  // over the per-worker or total connection cap
+  // deadlines (docs/SECURITY.md); sent as a connection error, then closed
+  handshake_timeout = 34,  // no successful hello within the handshake deadline
+  idle_timeout = 35,       // no complete request within the idle timeout
 };
 
 const char* status_name(Status s);
@@ -115,6 +118,7 @@ inline constexpr uint16_t no_bet_index = 0xFFFF;
 struct ValidationContext {
   uint16_t agencies = 5;  // known agencies are 1..agencies
   Date today;
+  size_t batch_bets_max = limits::batch_bets_max;  // the server may set it lower
 };
 
 // Returns nullptr when the name is valid, else why not.
@@ -145,6 +149,7 @@ class BetCursor {
   // Returns false at the end or on a malformed bet.
   bool next(Bet& out);
   bool at_end() const { return _p == _end; }
+  size_t remaining() const { return static_cast<size_t>(_end - _p); }
 
  private:
   const std::byte* _p;

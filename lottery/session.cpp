@@ -1,6 +1,7 @@
 #include "lottery/session.hpp"
 
 #include <cstring>
+#include <iterator>
 
 #include "common/assert.hpp"
 #include "common/log.hpp"
@@ -16,11 +17,35 @@ namespace {
 // is free, so a reply is never dropped for lack of buffer.
 constexpr size_t reply_bytes_max = limits::frame_bytes_max;
 constexpr uint64_t today_refresh_ms = 1000;
+// A connection at its pending-reply cap must still find room for one more
+// reply, or the request that tipped it over would lose its answer.
+static_assert(limits::pending_reply_bytes_default + reply_bytes_max <= reactor::limits::output_buffer_bytes);
+static_assert(limits::pending_reply_bytes_default < reactor::limits::output_buffer_bytes);
+constexpr const char* refusal_reason = "the server is at its connection limit; retry later";
+
+const char* drop_action(bool refused) { return refused ? "conexion_rechazada" : "conexion_cerrada"; }
+// By LotteryService::Drop.
+constexpr const char* drop_names[] = {"too_many_connections", "handshake_timeout", "idle_timeout",
+                                      "replies_not_read"};
+const char* drop_name(int why) { return drop_names[why]; }
 }  // namespace
 
+reactor::Options reactor_options_for(const ServiceOptions& options) {
+  return reactor::Options{.max_connections = options.connections_max + limits::refusal_slots,
+                          .output_pause_bytes = options.pending_reply_bytes_max};
+}
+
+std::vector<std::byte> refusal_frame() {
+  std::vector<std::byte> frame(limits::frame_header_bytes + 6 + limits::reply_reason_bytes_max);
+  size_t n = proto::encode_error_reply(frame.data(), frame.size(), proto::connection_error_type, 0,
+                                       Status::too_many_connections, proto::no_bet_index, refusal_reason);
+  LOTTERY_ASSERT(n > 0);
+  frame.resize(n);
+  return frame;
+}
+
 LotteryService::LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control,
-                               control::ProducerLocks& producer_locks, ServiceOptions options,
-                               size_t max_connections)
+                               control::ProducerLocks& producer_locks, ServiceOptions options)
     : _reactor(reactor),
       _store(store),
       _control(control),
@@ -31,12 +56,27 @@ LotteryService::LotteryService(reactor::Reactor& reactor, store::Store& store, c
   LOTTERY_ASSERT(_options.agencies == control.agencies());
   LOTTERY_ASSERT(_options.worker_id < control::workers_max);
   LOTTERY_ASSERT(_options.group_batches_max >= 1);
-  _sessions.resize(max_connections);
+  LOTTERY_ASSERT(_options.connections_max >= 1);
+  LOTTERY_ASSERT(_options.frame_bytes_max >= limits::frame_bytes_min);
+  LOTTERY_ASSERT(_options.frame_bytes_max <= limits::frame_bytes_max);
+  LOTTERY_ASSERT(_options.batch_bets_max >= 1 && _options.batch_bets_max <= limits::batch_bets_max);
+  LOTTERY_ASSERT(_options.unidentified_bytes_max >= limits::hello_frame_bytes);
+  LOTTERY_ASSERT(_options.pending_reply_bytes_max >= limits::pending_reply_bytes_min);
+  LOTTERY_ASSERT(_options.pending_reply_bytes_max <= limits::pending_reply_bytes_default);
+  LOTTERY_ASSERT(_options.sweep_interval_ms >= 1);
+  _sessions.resize(reactor_options_for(_options).max_connections);
+  static_assert(std::size(drop_names) == static_cast<size_t>(Drop::count));
   _pending_acks.reserve(_options.group_batches_max);
   // This worker's row of per-agency counts starts from what its segments hold.
   for (uint32_t a = 0; a <= _options.agencies; a++)
     _control.layout().bets_stored[_options.worker_id][a].store(_store.bets_stored(static_cast<uint16_t>(a)));
   load_results_if_done();
+  _sweep_timer = _reactor.add_timer(_options.sweep_interval_ms, [this] { sweep(); });
+}
+
+LotteryService::~LotteryService() {
+  if (_sweep_timer != 0) _reactor.cancel_timer(_sweep_timer);
+  if (_group_timer != 0) _reactor.cancel_timer(_group_timer);
 }
 
 size_t LotteryService::waiting_queries() const {
@@ -53,26 +93,150 @@ LotteryService::Session* LotteryService::session(reactor::ConnId id) {
 
 void LotteryService::on_open(reactor::ConnId id) {
   LOTTERY_ASSERT(id.slot < _sessions.size());
-  _sessions[id.slot] = Session{.open = true, .id = id};
-  _counters.connections++;
-  _slot.connections_total.fetch_add(1, std::memory_order_relaxed);
-  _slot.connections_open.fetch_add(1, std::memory_order_relaxed);
+  uint64_t now = reactor::Reactor::now_ms();
+  Session& s = _sessions[id.slot];
+  s = Session{.open = true, .id = id, .opened_ms = now, .last_request_ms = now};
   if (_shutting_down) {
-    reply_error(_sessions[id.slot], proto::connection_error_type, 0, Status::shutting_down, proto::no_bet_index,
+    reply_error(s, proto::connection_error_type, 0, Status::shutting_down, proto::no_bet_index,
                 "server is shutting down");
     _reactor.close(id, reactor::Reactor::Flush::yes);
+    return;
   }
+  if (!admit()) {
+    refuse(s);
+    return;
+  }
+  s.admitted = true;
+  _counters.connections++;
+  _slot.connections_total.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool LotteryService::admit() {
+  if (_admitted >= _options.connections_max) return false;
+  // Counted first, then the sum checked, both sequentially consistent: two
+  // workers admitting at the same moment may both refuse near the cap, but
+  // never both admit past it. A dead worker's count is reset by the master.
+  _slot.connections_open.fetch_add(1, std::memory_order_seq_cst);
+  uint64_t total = 0;
+  for (size_t w = 0; w < control::workers_max; w++)
+    total += _control.worker(w).connections_open.load(std::memory_order_seq_cst);
+  if (total > _options.connections_total_max) {
+    _slot.connections_open.fetch_sub(1, std::memory_order_seq_cst);
+    return false;
+  }
+  _admitted++;
+  return true;
+}
+
+void LotteryService::refuse(Session& s) {
+  _counters.refused++;
+  _slot.connections_refused.fetch_add(1, std::memory_order_relaxed);
+  note_drop(Drop::refused, s.opened_ms);
+  reply_error(s, proto::connection_error_type, 0, Status::too_many_connections, proto::no_bet_index, refusal_reason);
+  _reactor.close(s.id, reactor::Reactor::Flush::yes);
 }
 
 void LotteryService::on_close(reactor::ConnId id, reactor::CloseReason reason) {
   Session* s = session(id);
   if (s == nullptr) return;
   release_producer(*s);
-  _slot.connections_open.fetch_sub(1, std::memory_order_relaxed);
-  if (reason == reactor::CloseReason::input_overflow) {
-    log::warning("conexion", log::Outcome::fail, {{"agencia", s->agency}, {"error", "input overflow: peer does not read its replies"}});
+  if (s->admitted) {
+    _slot.connections_open.fetch_sub(1, std::memory_order_seq_cst);
+    LOTTERY_ASSERT(_admitted > 0);
+    _admitted--;
   }
-  *s = Session{};
+  uint64_t now = reactor::Reactor::now_ms();
+  if (reason == reactor::CloseReason::input_overflow) {
+    _counters.stalled++;
+    _slot.connections_dropped.fetch_add(1, std::memory_order_relaxed);
+    note_drop(Drop::replies_not_read, now);
+  }
+  // Its last replies may still be on their way out: a peer that does not take
+  // them is cut off at linger_until_ms (see sweep).
+  *s = Session{.lingering = true, .id = id, .linger_until_ms = now + _options.reply_stall_timeout_ms};
+}
+
+// ---------------------------------------------------------------- deadlines
+
+void LotteryService::sweep() {
+  _sweep_timer = 0;
+  uint64_t now = reactor::Reactor::now_ms();
+  for (Session& s : _sessions) {
+    if (s.lingering) {
+      if (now >= s.linger_until_ms) {
+        s.lingering = false;
+        _reactor.abort(s.id);  // a no-op when it is long gone
+      }
+      continue;
+    }
+    if (!s.open || !s.admitted) continue;
+    // Paused at the pending-reply cap: dropped if the peer does not start
+    // taking its replies again within the stall timeout.
+    if (_reactor.queued_output(s.id) > _options.pending_reply_bytes_max) {
+      if (s.stalled_since_ms == 0) {
+        s.stalled_since_ms = now;
+      } else if (now - s.stalled_since_ms >= _options.reply_stall_timeout_ms) {
+        _counters.stalled++;
+        _slot.connections_dropped.fetch_add(1, std::memory_order_relaxed);
+        note_drop(Drop::replies_not_read, now);
+        _reactor.abort(s.id);  // its output is full: no room for a last word
+        continue;
+      }
+    } else {
+      s.stalled_since_ms = 0;
+    }
+    if (s.agency == 0) {
+      if (now - s.opened_ms >= _options.handshake_timeout_ms)
+        expire(s, Status::handshake_timeout, Drop::handshake_timeout, "no hello within the handshake deadline");
+      continue;
+    }
+    // A held winners query is a connection waiting for us, not an idle one.
+    if (!s.waiting_winners && now - s.last_request_ms >= _options.idle_timeout_ms)
+      expire(s, Status::idle_timeout, Drop::idle_timeout, "no request within the idle timeout");
+  }
+  // Connections the reactor refused on its own (every slot taken, the
+  // refusal slots too) count as refused here.
+  uint64_t refused_full = _reactor.stats().refused_full;
+  if (refused_full > _reactor_refused_seen) {
+    uint64_t n = refused_full - _reactor_refused_seen;
+    _reactor_refused_seen = refused_full;
+    _counters.refused += n;
+    _slot.connections_refused.fetch_add(n, std::memory_order_relaxed);
+    note_drop(Drop::refused, now, n);
+  }
+  flush_drop_logs(now);
+  _sweep_timer = _reactor.add_timer(_options.sweep_interval_ms, [this] { sweep(); });
+}
+
+void LotteryService::expire(Session& s, Status status, Drop why, const char* reason) {
+  if (why == Drop::handshake_timeout) _counters.handshake_timeouts++;
+  else _counters.idle_timeouts++;
+  _slot.connections_timed_out.fetch_add(1, std::memory_order_relaxed);
+  note_drop(why, reactor::Reactor::now_ms());
+  reply_error(s, proto::connection_error_type, 0, status, proto::no_bet_index, reason);
+  _reactor.close(s.id, reactor::Reactor::Flush::yes);
+}
+
+void LotteryService::note_drop(Drop why, uint64_t now_ms, uint64_t count) {
+  DropLog& d = _drop_logs[static_cast<size_t>(why)];
+  d.since_logged += count;
+  // The first drop after a quiet interval is reported at once; later ones are
+  // counted and reported together when the interval is over (flush_drop_logs).
+  if (d.last_logged_ms == 0 || now_ms - d.last_logged_ms >= limits::connection_log_interval_ms)
+    flush_drop_logs(now_ms);
+}
+
+void LotteryService::flush_drop_logs(uint64_t now_ms, bool force) {
+  for (size_t i = 0; i < static_cast<size_t>(Drop::count); i++) {
+    DropLog& d = _drop_logs[i];
+    if (d.since_logged == 0) continue;
+    if (!force && d.last_logged_ms != 0 && now_ms - d.last_logged_ms < limits::connection_log_interval_ms) continue;
+    log::warning(drop_action(i == static_cast<size_t>(Drop::refused)), log::Outcome::fail,
+                 {{"worker", _options.worker_id}, {"motivo", drop_name(static_cast<int>(i))},
+                  {"conexiones", d.since_logged}, {"intervalo_ms", limits::connection_log_interval_ms}});
+    d.since_logged = 0;
+    d.last_logged_ms = now_ms;
+  }
 }
 
 size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> data) {
@@ -80,14 +244,17 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
   if (s == nullptr) return data.size();
   size_t used = 0;
   while (data.size() - used >= 4) {
+    // At the pending-reply cap the requests wait where they are (the reactor
+    // has stopped reading too) until the peer takes its replies.
+    if (_reactor.queued_output(id) > _options.pending_reply_bytes_max) break;
     const std::byte* p = data.data() + used;
     size_t avail = data.size() - used;
     proto::FrameHeader h;
-    auto check = proto::parse_header(p, avail, limits::frame_bytes_max, h);
+    auto check = proto::parse_header(p, avail, _options.frame_bytes_max, h);
     if (check == proto::HeaderCheck::need_more) break;
     if (check != proto::HeaderCheck::ok) {
       Status st = check == proto::HeaderCheck::too_large ? Status::frame_too_large : Status::bad_frame;
-      const char* why = check == proto::HeaderCheck::too_large ? "frame length over frame_bytes_max"
+      const char* why = check == proto::HeaderCheck::too_large ? "frame length over max_frame_bytes"
                         : check == proto::HeaderCheck::bad_version ? "unsupported protocol version"
                         : check == proto::HeaderCheck::bad_flags   ? "reserved flags are not zero"
                                                                    : "frame length shorter than its header";
@@ -98,11 +265,25 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
       _reactor.close(id, reactor::Reactor::Flush::yes);
       return data.size();
     }
+    // Before a successful hello a connection is a stranger: it may send a
+    // few small frames (hello retries), not bulk. Decided from the header,
+    // before any of the body is buffered.
+    if (s->agency == 0 && s->unidentified_bytes + h.length > _options.unidentified_bytes_max) {
+      const char* why = "more than max_unidentified_bytes sent before a successful hello";
+      _counters.protocol_errors++;
+      _slot.errors.fetch_add(1, std::memory_order_relaxed);
+      log::warning("frame", log::Outcome::fail, {{"agencia", 0}, {"code", "not_identified"}, {"reason", why}});
+      reply_error(*s, proto::connection_error_type, 0, Status::not_identified, proto::no_bet_index, why);
+      _reactor.close(id, reactor::Reactor::Flush::yes);
+      return data.size();
+    }
     if (avail < h.length) break;  // the rest of the frame is still on its way
     // Back-pressure: handle a frame only when its reply surely fits.
     if (_reactor.send_space(id) < reply_bytes_max) break;
     proto::Bytes body(p + limits::frame_header_bytes, h.length - limits::frame_header_bytes);
     used += h.length;
+    if (s->agency == 0) s->unidentified_bytes += h.length;
+    s->last_request_ms = reactor::Reactor::now_ms();
     if (!proto::body_crc_matches(h, body)) {
       _counters.protocol_errors++;
       _slot.errors.fetch_add(1, std::memory_order_relaxed);
@@ -266,7 +447,7 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
     _today = proto::today_local();
     _today_checked_ms = now;
   }
-  proto::ValidationContext ctx{_options.agencies, _today};
+  proto::ValidationContext ctx{_options.agencies, _today, _options.batch_bets_max};
   proto::Bytes stored_bets(dst, wire_bets.size());
   if (auto r = proto::validate_batch_parts(info.agency, info.count, stored_bets, ctx)) {
     _store.abandon(wire_bets.size());
@@ -488,9 +669,11 @@ bool LotteryService::load_results_if_done() {
 }
 
 void LotteryService::answer_waiting() {
+  uint64_t now = reactor::Reactor::now_ms();
   for (Session& s : _sessions) {
     if (s.open && s.waiting_winners) {
       s.waiting_winners = false;
+      s.last_request_ms = now;  // its idle time starts with the answer
       send_winners_page(s, s.waiting_seq, s.waiting_start);
     }
   }
@@ -502,6 +685,7 @@ void LotteryService::on_draw_maybe_done() {
 
 void LotteryService::begin_shutdown() {
   flush_group();
+  flush_drop_logs(reactor::Reactor::now_ms(), /*force=*/true);
   _shutting_down = true;
   for (Session& s : _sessions) {
     if (!s.open) continue;

@@ -1,6 +1,7 @@
 #include "reactor/reactor.hpp"
 
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -30,6 +31,8 @@ const char* close_reason_name(CloseReason r) {
 
 common::Result<std::unique_ptr<Reactor>> Reactor::create(BackendKind kind, Options options) {
   LOTTERY_ASSERT(options.max_connections > 0);
+  LOTTERY_ASSERT(options.output_pause_bytes > 0);
+  LOTTERY_ASSERT(options.output_pause_bytes < limits::output_buffer_bytes);
   auto backend = kind == BackendKind::epoll ? make_epoll_backend(options.max_connections)
                                             : make_uring_backend(options.max_connections);
   if (!backend) return backend.error();
@@ -81,8 +84,11 @@ void Reactor::stop_accepting() {
 
 void Reactor::on_accept(int /*listen_fd*/, int conn_fd) {
   if (_free_slots.empty()) {
-    // Over the connection cap: the peer sees the connection close at once.
+    // Over the connection cap: the peer gets the refusal message, if the
+    // socket takes it at once (a fresh socket has an empty send buffer), and
+    // sees the connection close.
     _stats.refused_full++;
+    if (!_refusal.empty()) (void)::send(conn_fd, _refusal.data(), _refusal.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
     ::close(conn_fd);
     return;
   }
@@ -242,7 +248,7 @@ void Reactor::commit_send(ConnId id, size_t size) {
     c->dirty = true;
     _dirty.push_back(id);
   }
-  if (!c->paused_by_output && c->out_tail - c->out_head > limits::output_high_water_bytes) {
+  if (!c->paused_by_output && c->out_tail - c->out_head > _options.output_pause_bytes) {
     c->paused_by_output = true;
     update_receiving(id, *c);
   }
@@ -301,6 +307,12 @@ void Reactor::on_sent(ConnId id, size_t bytes, int err) {
   Conn& c = _conns[id.slot];
   if (c.generation != id.generation || !c.send_in_flight) return;
   c.send_in_flight = false;
+  if (c.state == State::releasing) {
+    // Aborted while this send was in flight: nothing more goes out.
+    c.out_head = c.out_tail;
+    release_output_if_empty(c);
+    return;
+  }
   if (err != 0) {
     c.out_head = c.out_tail;  // nothing more can reach this peer
     release_output_if_empty(c);
@@ -325,7 +337,7 @@ void Reactor::on_sent(ConnId id, size_t bytes, int err) {
     return;
   }
   if (c.state != State::open) return;
-  if (c.paused_by_output && c.out_tail - c.out_head <= limits::output_high_water_bytes / 2) {
+  if (c.paused_by_output && c.out_tail - c.out_head <= _options.output_pause_bytes / 2) {
     c.paused_by_output = false;
     update_receiving(id, c);
     // Input held back while the output was full gets its turn now.
@@ -339,10 +351,40 @@ void Reactor::close(ConnId id, Flush flush, CloseReason reason) {
   Conn* c = lookup(id);
   if (c == nullptr) return;
   if (flush == Flush::no) {
-    c->out_head = c->out_tail;
-    if (!c->send_in_flight) release_output_if_empty(*c);
+    // A send in flight keeps its bytes (the backend points at them); only
+    // what was not handed over yet is dropped.
+    if (c->send_in_flight) {
+      c->out_tail = c->out_sending;
+    } else {
+      c->out_head = c->out_tail;
+      release_output_if_empty(*c);
+    }
   }
   begin_close(id, *c, reason);
+}
+
+size_t Reactor::queued_output(ConnId id) const {
+  const Conn* c = lookup(id);
+  return c == nullptr || c->out == nullptr ? 0 : c->out_tail - c->out_head;
+}
+
+void Reactor::abort(ConnId id) {
+  if (id.slot >= _conns.size()) return;
+  Conn& c = _conns[id.slot];
+  if (c.generation != id.generation) return;
+  if (c.state == State::open) close(id, Flush::no);  // may release at once: nothing left to send
+  if (c.state != State::closing) return;
+  // Whatever is unsent is dropped. A send in flight still points into the
+  // output buffer, which goes back to the pool once the backend lets go of it.
+  if (c.send_in_flight) {
+    c.out_tail = c.out_sending;
+  } else {
+    c.out_head = c.out_tail;
+    release_output_if_empty(c);
+  }
+  c.state = State::releasing;
+  _backend->close_connection(id, c.fd);
+  c.fd = -1;
 }
 
 void Reactor::close_all(CloseReason reason) {

@@ -36,6 +36,10 @@ class Handler {
 
 struct Options {
   size_t max_connections = limits::connections_default;
+  // Queued output past which a connection stops being read (resumed below
+  // half of it). Below limits::output_buffer_bytes, so handlers that wait for
+  // room before replying always find some once the peer reads.
+  size_t output_pause_bytes = limits::output_high_water_bytes;
 };
 
 struct Stats {
@@ -76,6 +80,18 @@ class Reactor final : private BackendEvents {
   void pause_reading(ConnId id);
   void resume_reading(ConnId id);
   size_t connection_count() const { return _open_count; }
+  // Bytes queued for `id` and not yet sent (0 when `id` is gone).
+  size_t queued_output(ConnId id) const;
+  // Closes `id` now, open or still flushing its last output, dropping what is
+  // unsent: for a peer that stopped reading. Stale ids are ignored.
+  void abort(ConnId id);
+  // Serves an already connected socket as if it had been accepted (a
+  // socketpair in tests and fuzzers). Non-blocking; the reactor owns it now.
+  void adopt(int fd) { on_accept(-1, fd); }
+  // Bytes written (best effort, without blocking) to a connection refused
+  // because every slot is taken, before it is closed: the handler's
+  // "too many connections" message. Empty: closed silently.
+  void set_refusal(std::span<const std::byte> bytes) { _refusal.assign(bytes.begin(), bytes.end()); }
   // Slots not yet free: open, or closing with output still draining.
   size_t slots_in_use() const { return _conns.size() - _free_slots.size(); }
   // Runs every open connection through close(Flush::yes, shutdown).
@@ -152,6 +168,7 @@ class Reactor final : private BackendEvents {
   BufferPool _input_pool{limits::input_buffer_bytes};
   BufferPool _output_pool{limits::output_buffer_bytes};
   std::vector<int> _listeners;
+  std::vector<std::byte> _refusal;
 
   struct Timer {
     uint64_t deadline_ms;

@@ -59,6 +59,13 @@ std::string render_metrics(const lottery::control::Control& control, unsigned wo
        &lottery::control::WorkerSlot::syncs},
       {"lottery_duplicate_batches_total", "counter", "Resent batches acknowledged without storing them again.",
        &lottery::control::WorkerSlot::duplicates},
+      {"lottery_connections_refused_total", "counter", "Connections refused over a connection cap.",
+       &lottery::control::WorkerSlot::connections_refused},
+      {"lottery_connections_timed_out_total", "counter",
+       "Connections closed by the handshake deadline or the idle timeout.",
+       &lottery::control::WorkerSlot::connections_timed_out},
+      {"lottery_connections_dropped_total", "counter", "Connections dropped for not reading their replies.",
+       &lottery::control::WorkerSlot::connections_dropped},
   };
   for (const Counter& c : counters) {
     family(c.name, c.type, c.help);

@@ -5,6 +5,7 @@
 #include "common/config.hpp"
 #include <cstdio>
 #include <ctime>
+#include <type_traits>
 
 #include "lottery/control.hpp"
 #include "lottery/limits.hpp"
@@ -39,6 +40,18 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
   cfg.agencies = static_cast<uint16_t>(std::stoul(from_file("SERVER_AGENCIES", std::to_string(cfg.agencies))));
   cfg.winning_number =
       static_cast<uint16_t>(std::stoul(from_file("SERVER_WINNING_NUMBER", std::to_string(cfg.winning_number))));
+  auto number = [&](const char* key, auto& field) {
+    field = static_cast<std::remove_reference_t<decltype(field)>>(std::stoull(from_file(key, std::to_string(field))));
+  };
+  number("SERVER_MAX_CONNECTIONS", cfg.max_connections);
+  number("SERVER_MAX_CONNECTIONS_TOTAL", cfg.max_connections_total);
+  number("SERVER_MAX_FRAME_BYTES", cfg.max_frame_bytes);
+  number("SERVER_MAX_BATCH_BETS", cfg.max_batch_bets);
+  number("SERVER_MAX_UNIDENTIFIED_BYTES", cfg.max_unidentified_bytes);
+  number("SERVER_MAX_PENDING_REPLY_BYTES", cfg.max_pending_reply_bytes);
+  number("SERVER_HANDSHAKE_TIMEOUT_MS", cfg.handshake_timeout_ms);
+  number("SERVER_IDLE_TIMEOUT_MS", cfg.idle_timeout_ms);
+  number("SERVER_REPLY_STALL_TIMEOUT_MS", cfg.reply_stall_timeout_ms);
   } catch (const std::exception&) {
     return common::Error::make(EINVAL, "config file " + path + ": a numeric setting is not a number");
   }
@@ -60,9 +73,45 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
   app.add_option("--io", io_text, "I/O backend: auto, epoll or uring")->envname("SERVER_IO");
   app.add_option("--segment-bytes", cfg.segment_bytes, "size of each store segment file")
       ->envname("SERVER_SEGMENT_BYTES");
-  app.add_option("--max-connections", cfg.max_connections, "connections served at once")
+  // Hostile input: every limit below is explained in docs/SECURITY.md.
+  namespace lim = lottery::limits;
+  app.add_option("--max-connections", cfg.max_connections,
+                 "connections one worker serves at once; more are refused with too_many_connections")
       ->envname("SERVER_MAX_CONNECTIONS")
       ->check(CLI::Range(1, 1'000'000));
+  app.add_option("--max-connections-total", cfg.max_connections_total,
+                 "connections all workers together serve at once; more are refused with too_many_connections")
+      ->envname("SERVER_MAX_CONNECTIONS_TOTAL")
+      ->check(CLI::Range(1, 64'000'000));
+  app.add_option("--max-frame-bytes", cfg.max_frame_bytes,
+                 "largest request frame, checked from its length prefix (frame_too_large, then close)")
+      ->envname("SERVER_MAX_FRAME_BYTES")
+      ->check(CLI::Range(lim::frame_bytes_min, lim::frame_bytes_max));
+  app.add_option("--max-batch-bets", cfg.max_batch_bets, "most bets in one batch (too_many_bets)")
+      ->envname("SERVER_MAX_BATCH_BETS")
+      ->check(CLI::Range(size_t{1}, lim::batch_bets_max));
+  app.add_option("--max-unidentified-bytes", cfg.max_unidentified_bytes,
+                 "request bytes a connection may send before a successful hello (not_identified, then close)")
+      ->envname("SERVER_MAX_UNIDENTIFIED_BYTES")
+      ->check(CLI::Range(lim::hello_frame_bytes, lim::frame_bytes_max));
+  app.add_option("--max-pending-reply-bytes", cfg.max_pending_reply_bytes,
+                 "unsent replies a connection may queue before it is paused (not read)")
+      ->envname("SERVER_MAX_PENDING_REPLY_BYTES")
+      ->check(CLI::Range(lim::pending_reply_bytes_min, lim::pending_reply_bytes_default));
+  app.add_option("--handshake-timeout-ms", cfg.handshake_timeout_ms,
+                 "time from connect to a successful hello (handshake_timeout, then close)")
+      ->envname("SERVER_HANDSHAKE_TIMEOUT_MS")
+      ->check(CLI::Range(lim::timeout_ms_min, uint32_t{86'400'000}));
+  app.add_option("--idle-timeout-ms", cfg.idle_timeout_ms,
+                 "time from one complete request to the next (idle_timeout, then close); a held winners query "
+                 "is not idle")
+      ->envname("SERVER_IDLE_TIMEOUT_MS")
+      ->check(CLI::Range(lim::timeout_ms_min, uint32_t{86'400'000}));
+  app.add_option("--reply-stall-timeout-ms", cfg.reply_stall_timeout_ms,
+                 "how long a connection paused at its pending-reply cap (or closing) may leave its replies "
+                 "unread before it is dropped")
+      ->envname("SERVER_REPLY_STALL_TIMEOUT_MS")
+      ->check(CLI::Range(lim::timeout_ms_min, uint32_t{86'400'000}));
   app.add_option("--shutdown-grace-ms", cfg.shutdown_grace_ms, "how long SIGTERM waits for replies to drain")
       ->envname("SERVER_SHUTDOWN_GRACE_MS");
   app.add_option("--workers", cfg.workers, "worker processes (0: one per online CPU)")

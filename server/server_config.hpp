@@ -6,6 +6,7 @@
 
 #include "common/log.hpp"
 #include "common/result.hpp"
+#include "lottery/limits.hpp"
 
 namespace server {
 
@@ -22,7 +23,16 @@ struct ServerConfig {
   uint16_t winning_number = 7574;
   IoMode io = IoMode::auto_select;
   size_t segment_bytes = 64ull * 1024 * 1024;
-  size_t max_connections = 4096;
+  // Hostile input (docs/SECURITY.md); defaults in lottery/limits.hpp.
+  size_t max_connections = lottery::limits::connections_per_worker_default;  // per worker
+  size_t max_connections_total = lottery::limits::connections_total_default;
+  size_t max_frame_bytes = lottery::limits::frame_bytes_max;
+  size_t max_batch_bets = lottery::limits::batch_bets_max;
+  size_t max_unidentified_bytes = lottery::limits::unidentified_bytes_default;
+  size_t max_pending_reply_bytes = lottery::limits::pending_reply_bytes_default;
+  uint32_t handshake_timeout_ms = lottery::limits::handshake_timeout_ms_default;
+  uint32_t idle_timeout_ms = lottery::limits::idle_timeout_ms_default;
+  uint32_t reply_stall_timeout_ms = lottery::limits::reply_stall_timeout_ms_default;
   int shutdown_grace_ms = 5000;
   unsigned workers = 0;  // 0: one per online CPU
   bool pin_cpus = false;

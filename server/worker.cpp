@@ -6,12 +6,15 @@
 #include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <vector>
 
 #include "common/log.hpp"
 #include "lottery/control.hpp"
@@ -58,9 +61,8 @@ void install_signal_handlers() {
   sigprocmask(SIG_SETMASK, &none, nullptr);
 }
 
-common::Result<std::unique_ptr<reactor::Reactor>> make_reactor(IoMode mode, size_t max_connections,
+common::Result<std::unique_ptr<reactor::Reactor>> make_reactor(IoMode mode, reactor::Options opts,
                                                                unsigned worker_id) {
-  reactor::Options opts{.max_connections = max_connections};
   if (mode == IoMode::epoll) return reactor::Reactor::create(reactor::BackendKind::epoll, opts);
   auto uring = reactor::Reactor::create(reactor::BackendKind::uring, opts);
   if (uring || mode == IoMode::uring) return uring;
@@ -73,6 +75,30 @@ common::Result<std::unique_ptr<reactor::Reactor>> make_reactor(IoMode mode, size
 int fail(unsigned worker_id, const char* action, const std::string& message) {
   log::error(action, log::Outcome::fail, {{"worker", worker_id}, {"error", message}});
   return 1;
+}
+
+// Descriptors besides the connections: listener, epoll/io_uring, eventfd,
+// inotify, the store's segments, the control and lock files, the log.
+constexpr rlim_t fds_besides_connections = 64;
+
+// Every reactor slot must be able to hold a socket: a worker that runs out of
+// descriptors cannot accept, and the level-triggered listener would spin on
+// EMFILE. Raises the soft limit as far as the hard limit allows.
+void ensure_fd_limit(size_t slots, unsigned worker_id) {
+  rlim_t want = static_cast<rlim_t>(slots) + fds_besides_connections;
+  struct rlimit rl {};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= want) return;
+  rlim_t had = rl.rlim_cur;
+  rl.rlim_cur = rl.rlim_max == RLIM_INFINITY ? want : std::min(want, rl.rlim_max);
+  if (::setrlimit(RLIMIT_NOFILE, &rl) < 0) rl.rlim_cur = had;
+  if (rl.rlim_cur >= want) {
+    log::info("fd_limit", log::Outcome::success, {{"worker", worker_id}, {"from", had}, {"to", rl.rlim_cur}});
+    return;
+  }
+  log::warning("fd_limit", log::Outcome::fail,
+               {{"worker", worker_id}, {"limit", rl.rlim_cur}, {"needed", want},
+                {"error", "RLIMIT_NOFILE is below --max-connections; raise it (ulimit -n, systemd LimitNOFILE=) or "
+                          "lower --max-connections"}});
 }
 
 }  // namespace
@@ -132,7 +158,27 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
             {{"worker", worker_id}, {"segments", (*store)->recovery().segments},
              {"entries", (*store)->total_entries()}, {"bets", (*store)->total_bets()}});
 
-  auto reactor_result = make_reactor(cfg.io, cfg.max_connections, worker_id);
+  lottery::ServiceOptions service_options;
+  service_options.agencies = cfg.agencies;
+  service_options.winning_number = cfg.winning_number;
+  service_options.data_dir = cfg.data_dir;
+  service_options.worker_id = static_cast<uint16_t>(worker_id);
+  service_options.durability = durability;
+  service_options.group_window_ms = cfg.group_window_ms;
+  service_options.group_batches_max = cfg.group_batches_max;
+  service_options.connections_max = cfg.max_connections;
+  service_options.connections_total_max = cfg.max_connections_total;
+  service_options.frame_bytes_max = cfg.max_frame_bytes;
+  service_options.batch_bets_max = cfg.max_batch_bets;
+  service_options.unidentified_bytes_max = cfg.max_unidentified_bytes;
+  service_options.pending_reply_bytes_max = cfg.max_pending_reply_bytes;
+  service_options.handshake_timeout_ms = cfg.handshake_timeout_ms;
+  service_options.idle_timeout_ms = cfg.idle_timeout_ms;
+  service_options.reply_stall_timeout_ms = cfg.reply_stall_timeout_ms;
+  reactor::Options reactor_options = lottery::reactor_options_for(service_options);
+  ensure_fd_limit(reactor_options.max_connections, worker_id);
+
+  auto reactor_result = make_reactor(cfg.io, reactor_options, worker_id);
   if (!reactor_result) return fail(worker_id, "io_backend", reactor_result.error().message);
   reactor::Reactor& loop = **reactor_result;
   log::info("io_backend", log::Outcome::success,
@@ -142,16 +188,11 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   if (!listener) return fail(worker_id, "listen", listener.error().message);
   if (auto st = loop.add_listener(*listener); !st) return fail(worker_id, "listen", st.error().message);
 
-  lottery::ServiceOptions service_options;
-  service_options.agencies = cfg.agencies;
-  service_options.winning_number = cfg.winning_number;
-  service_options.data_dir = cfg.data_dir;
-  service_options.worker_id = static_cast<uint16_t>(worker_id);
-  service_options.durability = durability;
-  service_options.group_window_ms = cfg.group_window_ms;
-  service_options.group_batches_max = cfg.group_batches_max;
-  lottery::LotteryService service(loop, **store, **control, **producer_locks, service_options, cfg.max_connections);
+  lottery::LotteryService service(loop, **store, **control, **producer_locks, service_options);
   loop.set_handler(&service);
+  // Past the refusal slots the reactor refuses on its own, with the same frame.
+  std::vector<std::byte> refusal = lottery::refusal_frame();
+  loop.set_refusal(refusal);
   g_reactor.store(&loop);
 
   // The draw may complete in another process (another worker, the master on

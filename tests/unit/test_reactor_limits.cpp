@@ -1,0 +1,284 @@
+// The reactor's part in defending against hostile peers, on every backend:
+// the refusal written when every slot is taken, abort() of a connection
+// whose peer stopped reading (open or still flushing), the configurable
+// output pause mark, input overflow, and adopting a connected socket.
+// Single-threaded: the test drives the loop one short step at a time.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "reactor/net.hpp"
+#include "reactor/reactor.hpp"
+
+using reactor::BackendKind;
+using reactor::ConnId;
+
+namespace {
+
+// Answers every byte it is offered with `reply_per_byte` bytes (when there is
+// room), or consumes nothing at all (hoard mode).
+class Answerer final : public reactor::Handler {
+ public:
+  explicit Answerer(reactor::Reactor& r) : _r(r) {}
+  void on_open(ConnId id) override {
+    ids.push_back(id);
+    opened++;
+  }
+  size_t on_data(ConnId id, std::span<const std::byte> data) override {
+    offered += data.size();
+    if (hoard) return 0;
+    size_t used = 0;
+    std::vector<std::byte> reply(reply_per_byte, std::byte{'r'});
+    while (used < data.size() && _r.send_space(id) >= reply.size()) {
+      if (!reply.empty()) {
+        EXPECT_TRUE(_r.send(id, reply));
+      }
+      used++;
+    }
+    return used;
+  }
+  void on_close(ConnId, reactor::CloseReason reason) override {
+    closed++;
+    last_reason = reason;
+  }
+
+  size_t reply_per_byte = 0;
+  bool hoard = false;
+  size_t offered = 0;
+  int opened = 0;
+  int closed = 0;
+  reactor::CloseReason last_reason = reactor::CloseReason::local;
+  std::vector<ConnId> ids;
+
+ private:
+  reactor::Reactor& _r;
+};
+
+class ReactorLimits : public ::testing::TestWithParam<BackendKind> {
+ protected:
+  // Returns false (and the test skips) when the backend cannot run here.
+  bool make(reactor::Options options) {
+    auto r = reactor::Reactor::create(GetParam(), options);
+    if (!r) {
+      skip_reason = r.error().message;
+      return false;
+    }
+    loop = std::move(*r);
+    handler = std::make_unique<Answerer>(*loop);
+    loop->set_handler(handler.get());
+    return true;
+  }
+  // One pass of the loop, waiting up to `ms` for something to happen.
+  void step(uint64_t ms = 2) {
+    loop->add_timer(ms, [this] { loop->stop(); });
+    loop->run();
+  }
+  template <typename Done>
+  bool run_until(Done done, uint64_t timeout_ms = 5000) {
+    uint64_t deadline = reactor::Reactor::now_ms() + timeout_ms;
+    while (!done()) {
+      if (reactor::Reactor::now_ms() > deadline) return false;
+      step();
+    }
+    return true;
+  }
+  // A connected pair; the reactor serves `theirs`, the test holds the other end.
+  int adopt_pair(int sndbuf = 0) {
+    int fds[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds), 0);
+    if (sndbuf > 0) {
+      ::setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+      ::setsockopt(fds[1], SOL_SOCKET, SO_RCVBUF, &sndbuf, sizeof sndbuf);
+    }
+    loop->adopt(fds[0]);
+    mine.push_back(fds[1]);
+    return fds[1];
+  }
+  // Reads what is there; true once the peer closed (EOF or reset).
+  static bool drain(int fd, std::string* into = nullptr) {
+    char buf[65536];
+    while (true) {
+      ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+      if (n > 0) {
+        if (into) into->append(buf, static_cast<size_t>(n));
+        continue;
+      }
+      if (n == 0) return true;
+      return errno != EAGAIN && errno != EWOULDBLOCK;
+    }
+  }
+  void TearDown() override {
+    for (int fd : mine) ::close(fd);
+  }
+
+  std::string skip_reason;
+  std::unique_ptr<reactor::Reactor> loop;
+  std::unique_ptr<Answerer> handler;
+  std::vector<int> mine;
+};
+
+#define MAKE_OR_SKIP(options)                                   \
+  do {                                                          \
+    if (!make(options)) GTEST_SKIP() << skip_reason;            \
+  } while (0)
+
+TEST_P(ReactorLimits, WhenEverySlotIsTakenTheRefusalIsWrittenThenTheSocketClosed) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 1}));
+  const char refusal[] = "NO ROOM";
+  loop->set_refusal(std::as_bytes(std::span(refusal, sizeof refusal - 1)));
+  auto listener = reactor::net::listen_tcp("127.0.0.1", 0, 16, reactor::net::ReusePort::no);
+  ASSERT_TRUE(listener);
+  auto port = reactor::net::local_port(*listener);
+  ASSERT_TRUE(port);
+  ASSERT_TRUE(loop->add_listener(*listener));
+  auto first = reactor::net::connect_tcp("127.0.0.1", *port);
+  ASSERT_TRUE(first);
+  mine.push_back(*first);
+  ASSERT_TRUE(run_until([&] { return handler->opened == 1; }));
+  auto second = reactor::net::connect_tcp("127.0.0.1", *port);
+  ASSERT_TRUE(second);
+  mine.push_back(*second);
+  std::string got;
+  ASSERT_TRUE(run_until([&] { return drain(*second, &got); }));
+  EXPECT_EQ(got, "NO ROOM");
+  EXPECT_EQ(loop->stats().refused_full, 1u);
+  EXPECT_EQ(handler->opened, 1);
+  // The one it holds is untouched.
+  EXPECT_TRUE(loop->is_open(handler->ids[0]));
+}
+
+TEST_P(ReactorLimits, AdoptedSocketIsServedLikeAnAcceptedOne) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 4}));
+  handler->reply_per_byte = 2;
+  int fd = adopt_pair();
+  ASSERT_EQ(handler->opened, 1);
+  ASSERT_EQ(::send(fd, "abc", 3, 0), 3);
+  std::string got;
+  ASSERT_TRUE(run_until([&] {
+    drain(fd, &got);
+    return got.size() == 6;
+  }));
+}
+
+TEST_P(ReactorLimits, OutputPauseMarkIsAnOption) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 4, .output_pause_bytes = 1024}));
+  handler->reply_per_byte = 100;
+  int fd = adopt_pair(4096);
+  // The peer asks and never reads: past 1 KiB of queued replies the loop
+  // stops reading it, well before the 64 KiB default.
+  std::vector<char> asks(64 * 1024, 'q');
+  size_t sent = 0;
+  for (int i = 0; i < 500; i++) {
+    ssize_t n = ::send(fd, asks.data(), asks.size(), MSG_DONTWAIT);
+    if (n > 0) sent += static_cast<size_t>(n);
+    step(1);
+  }
+  ConnId id = handler->ids[0];
+  EXPECT_GT(loop->queued_output(id), 1024u);
+  EXPECT_LT(loop->queued_output(id), 1024u + 100u * 64 * 1024);
+  size_t offered = handler->offered;
+  for (int i = 0; i < 20; i++) step(1);
+  EXPECT_EQ(handler->offered, offered) << "a paused connection is not read";
+  EXPECT_LT(handler->offered, sent + 1);
+  // Reading resumes once the peer takes its replies.
+  std::string got;
+  ASSERT_TRUE(run_until([&] {
+    drain(fd, &got);
+    return handler->offered > offered;
+  }));
+}
+
+TEST_P(ReactorLimits, AbortDropsUnsentOutputOfAnOpenConnection) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 4}));
+  handler->reply_per_byte = 1000;
+  int fd = adopt_pair(4096);
+  ASSERT_EQ(::send(fd, "xxxxxxxxxx", 10, 0), 10);
+  ConnId id{};
+  ASSERT_TRUE(run_until([&] {
+    id = handler->ids[0];
+    return loop->queued_output(id) > 0;
+  }));
+  loop->abort(id);
+  EXPECT_FALSE(loop->is_open(id));
+  EXPECT_EQ(handler->closed, 1);
+  ASSERT_TRUE(run_until([&] { return loop->slots_in_use() == 0; }));
+  ASSERT_TRUE(run_until([&] { return drain(fd); }));
+  loop->abort(id);  // stale: ignored
+  EXPECT_EQ(handler->closed, 1);
+}
+
+TEST_P(ReactorLimits, AbortEndsAConnectionStuckFlushingItsLastReplies) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 4}));
+  handler->reply_per_byte = 1000;
+  int fd = adopt_pair(4096);
+  std::vector<char> asks(40, 'q');
+  ASSERT_EQ(::send(fd, asks.data(), asks.size(), 0), 40);
+  ConnId id{};
+  ASSERT_TRUE(run_until([&] {
+    id = handler->ids[0];
+    return handler->offered >= 40 && loop->queued_output(id) > 0;
+  }));
+  // A graceful close waits for a peer that never reads...
+  loop->close(id, reactor::Reactor::Flush::yes);
+  for (int i = 0; i < 20; i++) step(1);
+  EXPECT_EQ(loop->slots_in_use(), 1u);
+  // ...until it is aborted.
+  loop->abort(id);
+  ASSERT_TRUE(run_until([&] { return loop->slots_in_use() == 0; }));
+  EXPECT_EQ(handler->closed, 1);
+  ASSERT_TRUE(run_until([&] { return drain(fd); }));
+}
+
+TEST_P(ReactorLimits, CloseWithoutFlushWhileASendIsInFlight) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 4}));
+  handler->reply_per_byte = 3000;
+  int fd = adopt_pair(4096);
+  ASSERT_EQ(::send(fd, "qqqqq", 5, 0), 5);
+  ConnId id{};
+  // 15,000 bytes of replies go to the backend; the peer's small buffer keeps
+  // that send in flight.
+  ASSERT_TRUE(run_until([&] {
+    id = handler->ids[0];
+    return handler->offered >= 5 && loop->queued_output(id) > 0;
+  }));
+  for (int i = 0; i < 5; i++) step(1);
+  // 15,000 more are queued behind it.
+  ASSERT_EQ(::send(fd, "qqqqq", 5, 0), 5);
+  ASSERT_TRUE(run_until([&] { return handler->offered >= 10; }));
+  loop->close(id, reactor::Reactor::Flush::no);
+  // The bytes handed to the backend arrive whole; the queued ones never do,
+  // and the slot is released once the peer has taken what was in flight.
+  std::string got;
+  ASSERT_TRUE(run_until([&] {
+    bool ended = drain(fd, &got);
+    return ended && loop->slots_in_use() == 0;
+  }));
+  EXPECT_EQ(got.size(), 15000u);
+}
+
+TEST_P(ReactorLimits, InputOverflowClosesTheConnection) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 4}));
+  handler->hoard = true;  // consumes nothing, never pauses: only the read buffer bounds it
+  int fd = adopt_pair();
+  std::vector<char> junk(16 * 1024, 'j');
+  bool closed = false;
+  for (int i = 0; i < 200 && !closed; i++) {
+    (void)::send(fd, junk.data(), junk.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    step(1);
+    closed = handler->closed == 1;
+  }
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(handler->last_reason, reactor::CloseReason::input_overflow);
+  EXPECT_LE(handler->offered, 64u * reactor::limits::input_buffer_bytes);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ReactorLimits, ::testing::Values(BackendKind::epoll, BackendKind::uring),
+                         [](const auto& param_info) {
+                           return param_info.param == BackendKind::epoll ? "epoll" : "uring";
+                         });
+
+}  // namespace
