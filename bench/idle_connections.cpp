@@ -15,16 +15,16 @@
 //    one are mapped).
 //
 // Loopback only; every process it starts is stopped before it exits.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <arpa/inet.h>
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
@@ -124,11 +124,9 @@ struct Server {
 void start_server(Server& s, const std::string& bin, const std::string& data_dir, size_t connections,
                   const std::string& io, size_t segment_bytes) {
   s.log_path = data_dir + ".log";
-  std::vector<std::string> args = {bin,
-                                   "--ip", "127.0.0.1", "--port", "0", "--workers", "1", "--agencies", "1",
-                                   "--data-dir", data_dir, "--io", io, "--durability", "none",
-                                   "--segment-bytes", std::to_string(segment_bytes),
-                                   "--max-connections", std::to_string(connections),
+  std::vector<std::string> args = {bin, "--ip", "127.0.0.1", "--port", "0", "--workers", "1", "--agencies", "1",
+                                   "--data-dir", data_dir, "--io", io, "--durability", "none", "--segment-bytes",
+                                   std::to_string(segment_bytes), "--max-connections", std::to_string(connections),
                                    "--max-connections-total", std::to_string(connections),
                                    // Idle is what is measured: no deadline may end it.
                                    "--handshake-timeout-ms", "3600000", "--idle-timeout-ms", "3600000"};
@@ -151,7 +149,8 @@ void start_server(Server& s, const std::string& bin, const std::string& data_dir
     while (std::getline(log, line)) {
       auto at = line.find("action: listen | result: success");
       auto p = line.find("port: ");
-      if (at != std::string::npos && p != std::string::npos) s.port = static_cast<uint16_t>(std::stoul(line.substr(p + 6)));
+      if (at != std::string::npos && p != std::string::npos)
+        s.port = static_cast<uint16_t>(std::stoul(line.substr(p + 6)));
     }
     if (s.port == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
@@ -385,23 +384,21 @@ int main(int argc, char** argv) {
   std::printf("| growth per idle connection (RSS) | %.0f bytes |\n", idle_b);
   std::printf("| growth per idle connection (heap, RssAnon) | %.0f bytes |\n", idle_anon_b);
   std::printf("| fixed cost per slot, sized at start-up (RssAnon, vs a 16-slot server) | %.0f bytes |\n", slot_b);
-  std::printf("| total per idle connection (growth + slot) | %.0f bytes (target: 16 KiB = 16384) |\n",
-              idle_b + slot_b);
-  std::printf("| kernel TCP buffer memory, whole machine, before / after | %ld / %ld pages |\n", tcp_before,
-              tcp_after);
+  std::printf("| total per idle connection (growth + slot) | %.0f bytes (target: 16 KiB = 16384) |\n", idle_b + slot_b);
+  std::printf("| kernel TCP buffer memory, whole machine, before / after | %ld / %ld pages |\n", tcp_before, tcp_after);
   std::printf("| kernel slab per connection, both of its sockets (outside any RSS) | %.0f bytes |\n",
               1024.0 * static_cast<double>(slab_after - slab_before) / n);
   if (bets > 0) {
-    std::printf("| bets stored through one more connection | %llu in %.2f s |\n",
-                static_cast<unsigned long long>(bets), store_s);
+    std::printf("| bets stored through one more connection | %llu in %.2f s |\n", static_cast<unsigned long long>(bets),
+                store_s);
     std::printf("| worker RssAnon (heap): before the bets / after half / after all | %ld / %ld / %ld KiB |\n",
                 with_idle.anon_kib, after_half.anon_kib, after_bets.anon_kib);
-    std::printf("| worker RssFile (mapped segments of %zu MiB, control file): before / half / all | %ld / %ld / "
-                "%ld KiB |\n",
-                segment_bytes >> 20, with_idle.file_kib, after_half.file_kib, after_bets.file_kib);
+    std::printf(
+        "| worker RssFile (mapped segments of %zu MiB, control file): before / half / all | %ld / %ld / "
+        "%ld KiB |\n",
+        segment_bytes >> 20, with_idle.file_kib, after_half.file_kib, after_bets.file_kib);
   }
   bool ok = idle_b + slot_b <= 16384.0;
-  std::printf("\nresult: %s (%.0f bytes per idle connection)\n", ok ? "within target" : "OVER TARGET",
-              idle_b + slot_b);
+  std::printf("\nresult: %s (%.0f bytes per idle connection)\n", ok ? "within target" : "OVER TARGET", idle_b + slot_b);
   return ok ? 0 : 2;
 }

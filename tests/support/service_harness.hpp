@@ -46,8 +46,7 @@ class ServiceHarness {
     auto loop = reactor::Reactor::create(kind, lottery::reactor_options_for(options));
     if (!loop) return fail(loop.error().message);
     h->_loop = std::move(*loop);
-    h->_service = std::make_unique<lottery::LotteryService>(*h->_loop, *h->_store, *h->_control, *h->_locks,
-                                                            options);
+    h->_service = std::make_unique<lottery::LotteryService>(*h->_loop, *h->_store, *h->_control, *h->_locks, options);
     h->_loop->set_handler(h->_service.get());
     h->_refusal = lottery::refusal_frame();
     h->_loop->set_refusal(h->_refusal);

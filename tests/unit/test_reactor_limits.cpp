@@ -121,9 +121,9 @@ class ReactorLimits : public ::testing::TestWithParam<BackendKind> {
   std::vector<int> mine;
 };
 
-#define MAKE_OR_SKIP(options)                                   \
-  do {                                                          \
-    if (!make(options)) GTEST_SKIP() << skip_reason;            \
+#define MAKE_OR_SKIP(options)                        \
+  do {                                               \
+    if (!make(options)) GTEST_SKIP() << skip_reason; \
   } while (0)
 
 TEST_P(ReactorLimits, WhenEverySlotIsTakenTheRefusalIsWrittenThenTheSocketClosed) {

@@ -57,16 +57,20 @@ TEST_F(ServerLimitsConfig, FlagOverEnvironmentOverIni) {
   ::setenv("SERVER_MAX_CONNECTIONS_TOTAL", "60", 1);
   auto cfg = parse({"--config", ini, "--max-connections-total", "70"}, exit_code);
   ASSERT_TRUE(cfg) << cfg.error().message;
-  EXPECT_EQ(cfg->max_frame_bytes, 8192u);         // ini
-  EXPECT_EQ(cfg->idle_timeout_ms, 2000u);         // environment over ini
-  EXPECT_EQ(cfg->max_connections_total, 70u);     // flag over environment
+  EXPECT_EQ(cfg->max_frame_bytes, 8192u);      // ini
+  EXPECT_EQ(cfg->idle_timeout_ms, 2000u);      // environment over ini
+  EXPECT_EQ(cfg->max_connections_total, 70u);  // flag over environment
 }
 
 TEST_F(ServerLimitsConfig, LimitsPastWhatTheBuffersHoldAreRefused) {
-  const char* const bad[][2] = {{"--max-frame-bytes", "65537"},       {"--max-frame-bytes", "100"},
-                                {"--max-batch-bets", "4097"},         {"--max-batch-bets", "0"},
-                                {"--max-pending-reply-bytes", "1000000"}, {"--max-unidentified-bytes", "10"},
-                                {"--handshake-timeout-ms", "0"},      {"--idle-timeout-ms", "1"}};
+  const char* const bad[][2] = {{"--max-frame-bytes", "65537"},
+                                {"--max-frame-bytes", "100"},
+                                {"--max-batch-bets", "4097"},
+                                {"--max-batch-bets", "0"},
+                                {"--max-pending-reply-bytes", "1000000"},
+                                {"--max-unidentified-bytes", "10"},
+                                {"--handshake-timeout-ms", "0"},
+                                {"--idle-timeout-ms", "1"}};
   for (const auto& flag : bad) {
     testing::internal::CaptureStderr();
     testing::internal::CaptureStdout();

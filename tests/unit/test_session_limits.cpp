@@ -57,8 +57,7 @@ class SessionLimits : public ::testing::Test {
   static std::vector<std::byte> batch(uint32_t seq, uint16_t agency, size_t bets) {
     std::vector<std::byte> f(lottery::limits::frame_bytes_max);
     proto::BatchBuilder b(f.data(), f.size(), agency, lottery::limits::batch_bets_max);
-    for (size_t i = 0; i < bets; i++)
-      EXPECT_TRUE(b.add(proto::Bet{"Ana", "Paz", "123", proto::Date{1990, 1, 2}, 7}));
+    for (size_t i = 0; i < bets; i++) EXPECT_TRUE(b.add(proto::Bet{"Ana", "Paz", "123", proto::Date{1990, 1, 2}, 7}));
     f.resize(b.finish(seq));
     return f;
   }
