@@ -551,20 +551,25 @@ void LotteryService::release_producer(Session& s) {
   s.producer = -1;
 }
 
+bool LotteryService::is_own_agency(Session& s, const proto::FrameHeader& h, uint16_t agency) {
+  if (s.agency == 0) {
+    reply_error(s, h.type, h.seq, Status::not_identified, proto::no_bet_index, "send hello first");
+    return false;
+  }
+  if (agency != s.agency) {
+    reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
+    return false;
+  }
+  return true;
+}
+
 LotteryService::Outcome LotteryService::handle_finished(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
   uint16_t agency = 0;
   if (!proto::decode_agency_body(body, agency)) {
     reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "finished body has the wrong size");
     return Outcome::close;
   }
-  if (s.agency == 0) {
-    reply_error(s, h.type, h.seq, Status::not_identified, proto::no_bet_index, "send hello first");
-    return Outcome::keep;
-  }
-  if (agency != s.agency) {
-    reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
-    return Outcome::keep;
-  }
+  if (!is_own_agency(s, h, agency)) return Outcome::keep;
   // The finish mark, and the draw when this was the last agency, happen under
   // the draw lock shared by every worker.
   auto result = control::finish_agency(_control, agency, _options.winning_number);
@@ -607,15 +612,8 @@ LotteryService::Outcome LotteryService::handle_winners(Session& s, const proto::
     reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "winners body has the wrong size");
     return Outcome::close;
   }
-  if (s.agency == 0) {
-    reply_error(s, h.type, h.seq, Status::not_identified, proto::no_bet_index, "send hello first");
-    return Outcome::keep;
-  }
-  if (agency != s.agency) {
-    // Winners are personal data: an agency reads only its own.
-    reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
-    return Outcome::keep;
-  }
+  // Winners are personal data: an agency reads only its own.
+  if (!is_own_agency(s, h, agency)) return Outcome::keep;
   if (_control.closed_out(agency)) {
     reply_error(s, h.type, h.seq, Status::betting_closed, proto::no_bet_index,
                 "the betting was closed before this agency finished; it took no part in the draw");

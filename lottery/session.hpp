@@ -126,6 +126,9 @@ class LotteryService final : public reactor::Handler {
   Outcome handle_frame(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   Outcome handle_hello(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   Outcome handle_batch(Session& s, const proto::FrameHeader& h, proto::Bytes body);
+  // Replies not_identified or agency_mismatch (and returns false) unless the
+  // connection said hello as `agency`.
+  bool is_own_agency(Session& s, const proto::FrameHeader& h, uint16_t agency);
   Outcome handle_finished(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   Outcome handle_winners(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   void reply_error(Session& s, uint8_t request_type, uint32_t seq, proto::Status status, uint16_t bet_index,
