@@ -35,6 +35,14 @@ FailureKind classify(proto::Status s) {
   }
 }
 
+// Connection errors that say "not now" rather than "not this": the server is
+// full, or it cut a connection that was slow to identify itself or went quiet
+// (a client throttled by loop.period, a stalled network). Retried with back-off.
+bool transient_refusal(proto::Status s) {
+  using proto::Status;
+  return s == Status::too_many_connections || s == Status::handshake_timeout || s == Status::idle_timeout;
+}
+
 const char* header_check_name(proto::HeaderCheck c) {
   switch (c) {
     case proto::HeaderCheck::need_more:
@@ -297,6 +305,12 @@ void AgencySession::handle_frame(proto::Bytes frame) {
     return;
   }
   if (r.answers == proto::connection_error_type) {
+    if (transient_refusal(r.status)) {
+      // Nothing we sent is at fault and nothing stored is lost: a new
+      // connection, after the reconnect loop's back-off, resumes the stream.
+      _retry_status = r.status;
+      return;
+    }
     _failure = SessionFailure{};
     _failure.kind = FailureKind::refused;
     _failure.request_type = proto::connection_error_type;

@@ -555,3 +555,33 @@ def test_connection_caps_refuse_with_an_error_frame_and_keep_serving(start_serve
     lines = events(log, "conexion_rechazada")
     assert 1 <= len(lines) <= 2 * workers, lines
     assert drop_counts(log, "conexion_rechazada", "too_many_connections") == 40
+
+
+def test_an_agency_refused_by_the_cap_backs_off_and_completes(start_server, workdir):
+    """too_many_connections says "not now": the client retries with its
+    back-off, and once a slot frees up it sends every bet and gets its winners."""
+    data = os.path.join(workdir, "data")
+    expected = datagen(data, "--agencies", "1", "--bets-list", "3000", "--winners-list", "2", "--seed", "11")
+    server = start_server(args=["--agencies", "1", "--workers", "1", "--max-connections", "1"])
+    blocker, reply = open_identified(server.port, 1, 4242)
+    assert reply.status == "ok"
+    client = run_client(1, server.address(), os.path.join(data, "agency-1.csv"), workdir,
+                        extra_args=["--log-level", "DEBUG"], env={"CLI_LOOP_AMOUNT": "50", "CLI_LOOP_PERIOD": "200ms"},
+                        wait=False)
+    deadline = time.monotonic() + 30
+    while "too_many_connections" not in read(client.log_path):
+        assert client.poll() is None, read(client.log_path)[-3000:]
+        assert time.monotonic() < deadline, read(client.log_path)[-3000:]
+        time.sleep(0.05)
+    blocker.close()
+    client.wait(timeout=120)
+    client.log_file.close()
+    log = read(client.log_path)
+    assert client.returncode == 0, log[-3000:]
+    assert events(log, "reconectar"), log[-3000:]
+    want = expected["agencies"]["1"]
+    got = sorted(f["dni"] for _, action, _, f in events(log, "ganador"))
+    assert got == sorted(want["winner_documents"]) and len(got) == 2
+    assert server.stop() == 0
+    fin = [f for _, _, r, f in events(server.log(), "fin_apuestas") if r == "success"]
+    assert [int(f["cantidad"]) for f in fin] == [3000]
