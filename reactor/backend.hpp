@@ -29,6 +29,10 @@ struct ConnId {
 class BackendEvents {
  public:
   virtual void on_accept(int listen_fd, int conn_fd) = 0;
+  // Accepting on `listen_fd` failed with `err` (EMFILE, ENFILE...). Returns
+  // true when the loop took a pending connection off the listener some other
+  // way (so accepting again may make progress), false when it could not.
+  virtual bool on_accept_error(int listen_fd, int err) = 0;
   // `data` is valid only during the call.
   virtual void on_recv(ConnId id, std::span<const std::byte> data) = 0;
   // The peer closed (err == 0) or receiving failed (err is an errno value).

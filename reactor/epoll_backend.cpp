@@ -245,8 +245,16 @@ class EpollBackend final : public Backend {
   void accept_some(int listen_fd, BackendEvents& events) {
     for (int i = 0; i < 64; i++) {
       int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd < 0) return;  // EAGAIN, or a transient error (EMFILE, ECONNABORTED): retried on the next wake
-      events.on_accept(listen_fd, fd);
+      if (fd >= 0) {
+        events.on_accept(listen_fd, fd);
+        continue;
+      }
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      // Out of descriptors (or another error): the listener stays readable,
+      // so unless the loop drains the connection some other way the next
+      // wake would fail the same way at once, a busy loop.
+      if (!events.on_accept_error(listen_fd, errno)) return;
     }
   }
 

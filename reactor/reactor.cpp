@@ -1,5 +1,6 @@
 #include "reactor/reactor.hpp"
 
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -40,6 +41,8 @@ common::Result<std::unique_ptr<Reactor>> Reactor::create(BackendKind kind, Optio
   r->_wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (r->_wake_fd < 0) return common::Error::from_errno("eventfd");
   if (auto st = r->_backend->add_watch(r->_wake_fd, wake_token); !st) return st.error();
+  r->_spare_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (r->_spare_fd < 0) return common::Error::from_errno("open(/dev/null) for the spare descriptor");
   return r;
 }
 
@@ -58,6 +61,7 @@ Reactor::~Reactor() {
   for (auto& c : _conns)
     if (c.fd >= 0) ::close(c.fd);
   if (_wake_fd >= 0) ::close(_wake_fd);
+  if (_spare_fd >= 0) ::close(_spare_fd);
 }
 
 uint64_t Reactor::now_ms() {
@@ -82,16 +86,16 @@ void Reactor::stop_accepting() {
   _listeners.clear();
 }
 
+// The peer gets the refusal message, if the socket takes it at once (a fresh
+// socket has an empty send buffer), and sees the connection close.
+void Reactor::refuse(int conn_fd) {
+  _stats.refused_full++;
+  if (!_refusal.empty()) (void)::send(conn_fd, _refusal.data(), _refusal.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  ::close(conn_fd);
+}
+
 void Reactor::on_accept(int /*listen_fd*/, int conn_fd) {
-  if (_free_slots.empty()) {
-    // Over the connection cap: the peer gets the refusal message, if the
-    // socket takes it at once (a fresh socket has an empty send buffer), and
-    // sees the connection close.
-    _stats.refused_full++;
-    if (!_refusal.empty()) (void)::send(conn_fd, _refusal.data(), _refusal.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-    ::close(conn_fd);
-    return;
-  }
+  if (_free_slots.empty()) return refuse(conn_fd);  // over the connection cap
   uint32_t slot = _free_slots.back();
   _free_slots.pop_back();
   Conn& c = _conns[slot];
@@ -110,6 +114,25 @@ void Reactor::on_accept(int /*listen_fd*/, int conn_fd) {
   _open_count++;
   _stats.accepted++;
   if (_handler) _handler->on_open(id);
+}
+
+// Out of descriptors, a waiting connection can be neither accepted nor left
+// (the listener would report it again at once, forever). Free the spare, take
+// the connection with it, refuse it, and take the spare back: the peer learns
+// why instead of hanging, and the loop does not spin.
+bool Reactor::on_accept_error(int listen_fd, int err) {
+  if (err != EMFILE && err != ENFILE) return false;
+  if (_spare_fd >= 0) {
+    ::close(_spare_fd);
+    _spare_fd = -1;
+  }
+  int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd >= 0) {
+    _stats.refused_no_fd++;
+    refuse(fd);
+  }
+  _spare_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  return fd >= 0;
 }
 
 // ---------------------------------------------------------------- lookup

@@ -45,7 +45,8 @@ struct Options {
 struct Stats {
   uint64_t accepted = 0;
   uint64_t closed = 0;
-  uint64_t refused_full = 0;   // accepted then closed: no free slot
+  uint64_t refused_full = 0;   // accepted then closed: no free slot, or no descriptor for it
+  uint64_t refused_no_fd = 0;  // of those, accepted with the spare descriptor (EMFILE/ENFILE)
   uint64_t bytes_in = 0;
   uint64_t bytes_out = 0;
 };
@@ -140,6 +141,8 @@ class Reactor final : private BackendEvents {
 
   // BackendEvents
   void on_accept(int listen_fd, int conn_fd) override;
+  bool on_accept_error(int listen_fd, int err) override;
+  void refuse(int conn_fd);
   void on_recv(ConnId id, std::span<const std::byte> data) override;
   void on_recv_end(ConnId id, int err) override;
   void on_sent(ConnId id, size_t bytes, int err) override;
@@ -179,6 +182,9 @@ class Reactor final : private BackendEvents {
   TimerId _next_timer_id = 1;
 
   int _wake_fd = -1;
+  // Held open so that, out of descriptors, one can be freed to accept a
+  // waiting connection and refuse it (the libev/haproxy "reserve fd").
+  int _spare_fd = -1;
   std::function<void()> _on_wake;
   std::vector<std::pair<int, std::function<void()>>> _watches;
   std::function<void()> _before_sleep;

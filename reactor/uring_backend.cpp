@@ -883,7 +883,14 @@ class UringBackend final : public Backend {
         _listeners_dirty = true;
       }
     }
-    if (res < 0) return 1;
+    if (res < 0) {
+      // Out of descriptors: the re-armed accept would fail again at once
+      // for as long as the connection waits in the backlog. The loop takes
+      // it off another way (see Reactor::on_accept_error).
+      if (l.active && res != -ECANCELED && res != -EAGAIN && res != -EINTR && res != -ECONNABORTED)
+        (void)events.on_accept_error(l.fd, -res);
+      return 1;
+    }
     if (l.active) {
       events.on_accept(l.fd, res);
     } else {

@@ -490,6 +490,10 @@ class Recorder final : public reactor::BackendEvents {
     return it == _conns.end() ? nullptr : &it->second;
   }
 
+  bool on_accept_error(int, int err) override {
+    accept_errors.push_back(err);
+    return false;
+  }
   void on_accept(int, int conn_fd) override {
     if (on_accepted) {
       on_accepted(conn_fd);
@@ -536,6 +540,7 @@ class Recorder final : public reactor::BackendEvents {
   void on_watch(uint64_t) override {}
 
   std::vector<int> accepted;
+  std::vector<int> accept_errors;
   std::function<void(int)> on_accepted;  // instead of queueing in `accepted`
   std::function<void(ConnId)> after_recv;
   std::function<void(ConnId)> on_ended;

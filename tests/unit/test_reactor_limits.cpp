@@ -4,6 +4,9 @@
 // output pause mark, input overflow, and adopting a connected socket.
 // Single-threaded: the test drives the loop one short step at a time.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -149,6 +152,69 @@ TEST_P(ReactorLimits, WhenEverySlotIsTakenTheRefusalIsWrittenThenTheSocketClosed
   EXPECT_EQ(handler->opened, 1);
   // The one it holds is untouched.
   EXPECT_TRUE(loop->is_open(handler->ids[0]));
+}
+
+// Out of descriptors, a connection waiting in the backlog can be neither
+// accepted nor ignored (the listener keeps reporting it). The loop refuses it
+// with the spare descriptor: the peer gets the refusal, and the loop, rather
+// than spinning on EMFILE, sleeps until something happens.
+TEST_P(ReactorLimits, OutOfDescriptorsTheWaitingConnectionsAreRefusedNotSpunOn) {
+  MAKE_OR_SKIP((reactor::Options{.max_connections = 16}));
+  const char refusal[] = "NO FD";
+  loop->set_refusal(std::as_bytes(std::span(refusal, sizeof refusal - 1)));
+  auto listener = reactor::net::listen_tcp("127.0.0.1", 0, 16, reactor::net::ReusePort::no);
+  ASSERT_TRUE(listener);
+  auto port = reactor::net::local_port(*listener);
+  ASSERT_TRUE(port);
+  ASSERT_TRUE(loop->add_listener(*listener));
+  // The client sockets exist before the limit drops; connecting needs no
+  // new descriptor on this side.
+  constexpr int waiting = 3;
+  int clients[waiting];
+  for (int& c : clients) {
+    c = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(c, 0);
+    mine.push_back(c);
+  }
+  // The lowest free descriptor becomes the limit: no new one can be made.
+  int probe = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(probe, 0);
+  ::close(probe);
+  struct rlimit saved {};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  struct rlimit low = saved;
+  low.rlim_cur = static_cast<rlim_t>(probe);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_port = htons(*port);
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  for (int c : clients) {
+    ASSERT_EQ(::connect(c, reinterpret_cast<sockaddr*>(&to), sizeof to), 0);
+  }
+  std::string got[waiting];
+  int ended = 0;
+  bool all = run_until([&] {
+    ended = 0;
+    for (int i = 0; i < waiting; i++) ended += drain(clients[i], &got[i]) ? 1 : 0;
+    return ended == waiting;
+  });
+  // Many idle passes: a loop spinning on EMFILE would hand the backend's
+  // poll an accept error on every one of them.
+  uint64_t refused = loop->stats().refused_no_fd;
+  for (int i = 0; i < 20; i++) step(1);
+  uint64_t refused_after_idle = loop->stats().refused_no_fd;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_TRUE(all) << ended << " of " << waiting << " refused";
+  for (const auto& g : got) EXPECT_EQ(g, "NO FD");
+  EXPECT_EQ(refused, static_cast<uint64_t>(waiting));
+  EXPECT_EQ(refused_after_idle, refused);
+  EXPECT_EQ(handler->opened, 0);
+  // With descriptors back, connections are served again.
+  auto next = reactor::net::connect_tcp("127.0.0.1", *port);
+  ASSERT_TRUE(next);
+  mine.push_back(*next);
+  ASSERT_TRUE(run_until([&] { return handler->opened == 1; }));
 }
 
 TEST_P(ReactorLimits, AdoptedSocketIsServedLikeAnAcceptedOne) {
