@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -114,6 +115,16 @@ class ReactorLimits : public ::testing::TestWithParam<BackendKind> {
       return errno != EAGAIN && errno != EWOULDBLOCK;
     }
   }
+  // A loopback listener served by the loop, which answers connections it
+  // cannot take with `refusal`. The port, or nothing when setting up failed.
+  std::optional<uint16_t> listen_refusing_with(std::string_view refusal) {
+    loop->set_refusal(std::as_bytes(std::span(refusal.data(), refusal.size())));
+    auto listener = reactor::net::listen_tcp("127.0.0.1", 0, 16, reactor::net::ReusePort::no);
+    if (!listener) return std::nullopt;
+    auto port = reactor::net::local_port(*listener);
+    if (!port || !loop->add_listener(*listener)) return std::nullopt;
+    return *port;
+  }
   void TearDown() override {
     for (int fd : mine) ::close(fd);
   }
@@ -131,13 +142,8 @@ class ReactorLimits : public ::testing::TestWithParam<BackendKind> {
 
 TEST_P(ReactorLimits, WhenEverySlotIsTakenTheRefusalIsWrittenThenTheSocketClosed) {
   MAKE_OR_SKIP((reactor::Options{.max_connections = 1}));
-  const char refusal[] = "NO ROOM";
-  loop->set_refusal(std::as_bytes(std::span(refusal, sizeof refusal - 1)));
-  auto listener = reactor::net::listen_tcp("127.0.0.1", 0, 16, reactor::net::ReusePort::no);
-  ASSERT_TRUE(listener);
-  auto port = reactor::net::local_port(*listener);
+  auto port = listen_refusing_with("NO ROOM");
   ASSERT_TRUE(port);
-  ASSERT_TRUE(loop->add_listener(*listener));
   auto first = reactor::net::connect_tcp("127.0.0.1", *port);
   ASSERT_TRUE(first);
   mine.push_back(*first);
@@ -160,13 +166,8 @@ TEST_P(ReactorLimits, WhenEverySlotIsTakenTheRefusalIsWrittenThenTheSocketClosed
 // than spinning on EMFILE, sleeps until something happens.
 TEST_P(ReactorLimits, OutOfDescriptorsTheWaitingConnectionsAreRefusedNotSpunOn) {
   MAKE_OR_SKIP((reactor::Options{.max_connections = 16}));
-  const char refusal[] = "NO FD";
-  loop->set_refusal(std::as_bytes(std::span(refusal, sizeof refusal - 1)));
-  auto listener = reactor::net::listen_tcp("127.0.0.1", 0, 16, reactor::net::ReusePort::no);
-  ASSERT_TRUE(listener);
-  auto port = reactor::net::local_port(*listener);
+  auto port = listen_refusing_with("NO FD");
   ASSERT_TRUE(port);
-  ASSERT_TRUE(loop->add_listener(*listener));
   // The client sockets exist before the limit drops; connecting needs no
   // new descriptor on this side.
   constexpr int waiting = 3;
