@@ -477,20 +477,39 @@ TEST(AgencySession, AckWithTheWrongCountIsAProtocolError) {
   EXPECT_EQ(session.failure().kind, FailureKind::protocol);
 }
 
+void receive_connection_error(AgencySession& session, proto::Status status, std::string_view reason) {
+  std::vector<std::byte> buf(256);
+  size_t n = proto::encode_error_reply(buf.data(), buf.size(), proto::connection_error_type, 0, status,
+                                       proto::no_bet_index, reason);
+  auto space = session.receive_space();
+  std::memcpy(space.data(), buf.data(), n);
+  session.on_received(n);
+}
+
 TEST(AgencySession, ConnectionErrorFrameIsARefusal) {
   VectorSource source(5);
   RecordingListener listener;
   AgencySession session(options(), source, listener);
-  std::vector<std::byte> buf(256);
-  size_t n = proto::encode_error_reply(buf.data(), buf.size(), proto::connection_error_type, 0,
-                                       proto::Status::too_many_connections, proto::no_bet_index, "busy");
-  auto space = session.receive_space();
-  std::memcpy(space.data(), buf.data(), n);
-  session.on_received(n);
+  receive_connection_error(session, proto::Status::frame_too_large, "length over the limit");
   ASSERT_TRUE(session.failed());
   EXPECT_EQ(session.failure().kind, FailureKind::refused);
-  EXPECT_EQ(session.failure().status, proto::Status::too_many_connections);
-  EXPECT_EQ(session.failure().reason, "busy");
+  EXPECT_EQ(session.failure().status, proto::Status::frame_too_large);
+  EXPECT_EQ(session.failure().reason, "length over the limit");
+}
+
+// "Not now" refusals: the session asks for a new connection (after the
+// reconnect loop's back-off) instead of failing the run.
+TEST(AgencySession, TransientConnectionErrorsAskForANewConnection) {
+  for (auto status : {proto::Status::too_many_connections, proto::Status::handshake_timeout,
+                      proto::Status::idle_timeout}) {
+    VectorSource source(5);
+    RecordingListener listener;
+    AgencySession session(options(), source, listener);
+    receive_connection_error(session, status, "later");
+    EXPECT_FALSE(session.failed()) << proto::status_name(status);
+    EXPECT_TRUE(session.must_reconnect()) << proto::status_name(status);
+    EXPECT_EQ(session.retry_status(), status);
+  }
 }
 
 TEST(AgencySession, GarbageIsAProtocolError) {
