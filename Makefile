@@ -22,7 +22,7 @@ all: build
 
 help:
 	@echo "make demo    - install deps, build, run a 5-agency lottery end to end"
-	@echo "make test    - install deps, build, run every test (ctest)"
+	@echo "make test    - install deps, build, run every test (ctest), the fuzzers, and every test under ASan+UBSan"
 	@echo "make build   - configure and build into $(BUILD_DIR)/ (binaries in $(BUILD_DIR)/bin)"
 	@echo "make asan    - build with ASan+UBSan into $(ASAN_BUILD_DIR)/ and run the tests"
 	@echo "make fuzz    - libFuzzer targets (clang, ASan+UBSan): replay the corpora, fuzz each FUZZ_SECONDS"
@@ -51,6 +51,7 @@ build: deps $(BUILD_DIR)/build.ninja
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j 1 --timeout 900
 	$(MAKE) --no-print-directory fuzz
+	$(MAKE) --no-print-directory asan
 
 # libFuzzer targets under ASan+UBSan: replay the seed corpus, then fuzz each
 # target for FUZZ_SECONDS (docs/SECURITY.md tells how to run them longer).
