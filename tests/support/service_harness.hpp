@@ -18,6 +18,7 @@
 #include "lottery/session.hpp"
 #include "lottery/store.hpp"
 #include "reactor/reactor.hpp"
+#include "tests/support/loop_driver.hpp"
 
 namespace testsupport {
 
@@ -63,33 +64,17 @@ class ServiceHarness {
   // A new connection; returns the client's end (non-blocking). With
   // `buffer_bytes`, both directions get kernel buffers about that small.
   int connect(int buffer_bytes = 0) {
-    int fds[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) < 0) return -1;
-    if (buffer_bytes > 0) {
-      for (int fd : fds) {
-        ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buffer_bytes, sizeof buffer_bytes);
-        ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer_bytes, sizeof buffer_bytes);
-      }
-    }
-    _loop->adopt(fds[0]);
-    _client_fds.push_back(fds[1]);
-    return fds[1];
+    int fd = adopt_socketpair(*_loop, buffer_bytes);
+    if (fd >= 0) _client_fds.push_back(fd);
+    return fd;
   }
 
   // One pass of the loop, waiting up to `ms` for an event.
-  void step(uint64_t ms = 1) {
-    _loop->add_timer(ms, [this] { _loop->stop(); });
-    _loop->run();
-  }
+  void step(uint64_t ms = 1) { testsupport::step(*_loop, ms); }
 
   template <typename Done>
   bool run_until(Done done, uint64_t timeout_ms = 5000) {
-    uint64_t deadline = reactor::Reactor::now_ms() + timeout_ms;
-    while (!done()) {
-      if (reactor::Reactor::now_ms() > deadline) return false;
-      step();
-    }
-    return true;
+    return testsupport::run_until(*_loop, done, timeout_ms);
   }
 
   reactor::Reactor& loop() { return *_loop; }

@@ -17,6 +17,7 @@
 
 #include "reactor/net.hpp"
 #include "reactor/reactor.hpp"
+#include "tests/support/loop_driver.hpp"
 
 using reactor::BackendKind;
 using reactor::ConnId;
@@ -76,31 +77,17 @@ class ReactorLimits : public ::testing::TestWithParam<BackendKind> {
     loop->set_handler(handler.get());
     return true;
   }
-  // One pass of the loop, waiting up to `ms` for something to happen.
-  void step(uint64_t ms = 2) {
-    loop->add_timer(ms, [this] { loop->stop(); });
-    loop->run();
-  }
+  void step(uint64_t ms = 2) { testsupport::step(*loop, ms); }
   template <typename Done>
   bool run_until(Done done, uint64_t timeout_ms = 5000) {
-    uint64_t deadline = reactor::Reactor::now_ms() + timeout_ms;
-    while (!done()) {
-      if (reactor::Reactor::now_ms() > deadline) return false;
-      step();
-    }
-    return true;
+    return testsupport::run_until(*loop, done, timeout_ms, 2);
   }
-  // A connected pair; the reactor serves `theirs`, the test holds the other end.
-  int adopt_pair(int sndbuf = 0) {
-    int fds[2];
-    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds), 0);
-    if (sndbuf > 0) {
-      ::setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
-      ::setsockopt(fds[1], SOL_SOCKET, SO_RCVBUF, &sndbuf, sizeof sndbuf);
-    }
-    loop->adopt(fds[0]);
-    mine.push_back(fds[1]);
-    return fds[1];
+  // A connected pair; the reactor serves one end, the test holds the other.
+  int adopt_pair(int buffer_bytes = 0) {
+    int fd = testsupport::adopt_socketpair(*loop, buffer_bytes);
+    EXPECT_GE(fd, 0);
+    mine.push_back(fd);
+    return fd;
   }
   // Reads what is there; true once the peer closed (EOF or reset).
   static bool drain(int fd, std::string* into = nullptr) {

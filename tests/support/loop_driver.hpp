@@ -1,0 +1,46 @@
+// Driving a Reactor from a single-threaded test, one short pass at a time,
+// and serving one end of a socketpair on it.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <cstdint>
+
+#include "reactor/reactor.hpp"
+
+namespace testsupport {
+
+// One pass of the loop, waiting up to `ms` for something to happen.
+inline void step(reactor::Reactor& loop, uint64_t ms = 1) {
+  loop.add_timer(ms, [&loop] { loop.stop(); });
+  loop.run();
+}
+
+// Steps until `done()` holds; false after `timeout_ms` without it.
+template <typename Done>
+bool run_until(reactor::Reactor& loop, Done done, uint64_t timeout_ms = 5000, uint64_t step_ms = 1) {
+  uint64_t deadline = reactor::Reactor::now_ms() + timeout_ms;
+  while (!done()) {
+    if (reactor::Reactor::now_ms() > deadline) return false;
+    step(loop, step_ms);
+  }
+  return true;
+}
+
+// A connected socketpair (non-blocking); the loop serves one end, the other
+// is returned (-1 on failure). With `buffer_bytes`, the kernel buffers of
+// both ends are about that small.
+inline int adopt_socketpair(reactor::Reactor& loop, int buffer_bytes = 0) {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) < 0) return -1;
+  if (buffer_bytes > 0) {
+    for (int fd : fds) {
+      ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buffer_bytes, sizeof buffer_bytes);
+      ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer_bytes, sizeof buffer_bytes);
+    }
+  }
+  loop.adopt(fds[0]);
+  return fds[1];
+}
+
+}  // namespace testsupport
