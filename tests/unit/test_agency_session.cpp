@@ -320,13 +320,21 @@ SessionOptions options(size_t inflight = 4, size_t bets_max = 10) {
   return o;
 }
 
+// What most tests start from: a source of `bets` bets, a listener, the
+// session under test, and the fake server it talks to.
+struct Rig {
+  explicit Rig(size_t bets, const SessionOptions& o = options()) : source(bets), session(o, source, listener) {}
+  VectorSource source;
+  RecordingListener listener;
+  AgencySession session;
+  FakeServer server;
+};
+
 }  // namespace
 
 TEST(AgencySession, FullSessionInOrder) {
-  VectorSource source(95);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  FakeServer server;
+  Rig rig(95);
+  auto& [source, listener, session, server] = rig;
   server.winners = {"30904465", "21689196", "34407251", "11111111", "22222222"};
   pump(session, server);
   ASSERT_TRUE(session.done()) << session.failure().reason;
@@ -344,10 +352,8 @@ TEST(AgencySession, FullSessionInOrder) {
 }
 
 TEST(AgencySession, RepliesSplitAtEveryByte) {
-  VectorSource source(37);
-  RecordingListener listener;
-  AgencySession session(options(3, 4), source, listener);
-  FakeServer server;
+  Rig rig(37, options(3, 4));
+  auto& [source, listener, session, server] = rig;
   server.winners = {"1", "22", "333"};
   pump(session, server, 1);
   ASSERT_TRUE(session.done()) << session.failure().reason;
@@ -356,10 +362,8 @@ TEST(AgencySession, RepliesSplitAtEveryByte) {
 }
 
 TEST(AgencySession, KeepsTheWindowFullWithoutWaitingForAcks) {
-  VectorSource source(100);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(100, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.hold_batch_acks = true;
   pump(session, server);
   // HELLO was acked; then exactly `inflight` batches went out with no ack back.
@@ -374,10 +378,8 @@ TEST(AgencySession, KeepsTheWindowFullWithoutWaitingForAcks) {
 }
 
 TEST(AgencySession, OutOfOrderAcksSlideTheWindow) {
-  VectorSource source(80);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(80, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.hold_batch_acks = true;
   server.reverse_acks = true;
   pump(session, server);
@@ -405,10 +407,8 @@ TEST(AgencySession, RespectsTheByteBudget) {
 }
 
 TEST(AgencySession, RejectionNamesTheBetAndItsLine) {
-  VectorSource source(50);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(50, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.reject_seq = 3;
   server.reject_index = 4;
   pump(session, server);
@@ -426,10 +426,8 @@ TEST(AgencySession, RejectionNamesTheBetAndItsLine) {
 }
 
 TEST(AgencySession, AlreadyFinishedAgencyOnlyAsksForWinners) {
-  VectorSource source(10);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  FakeServer server;
+  Rig rig(10);
+  auto& [source, listener, session, server] = rig;
   server.agency_finished = true;
   server.winners = {"5"};
   pump(session, server);
@@ -455,10 +453,8 @@ TEST(AgencySession, SingleBetWithoutFinish) {
 }
 
 TEST(AgencySession, NoBetsStillFinishesAndAsks) {
-  VectorSource source(0);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  FakeServer server;
+  Rig rig(0);
+  auto& [source, listener, session, server] = rig;
   pump(session, server);
   ASSERT_TRUE(session.done()) << session.failure().reason;
   EXPECT_TRUE(server.batch_seqs.empty());
@@ -467,10 +463,8 @@ TEST(AgencySession, NoBetsStillFinishesAndAsks) {
 }
 
 TEST(AgencySession, AckWithTheWrongCountIsAProtocolError) {
-  VectorSource source(5);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  FakeServer server;
+  Rig rig(5);
+  auto& [source, listener, session, server] = rig;
   server.ack_wrong_count = true;
   pump(session, server);
   ASSERT_TRUE(session.failed());
@@ -487,9 +481,8 @@ void receive_connection_error(AgencySession& session, proto::Status status, std:
 }
 
 TEST(AgencySession, ConnectionErrorFrameIsARefusal) {
-  VectorSource source(5);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
+  Rig rig(5);
+  auto& [source, listener, session, server] = rig;
   receive_connection_error(session, proto::Status::frame_too_large, "length over the limit");
   ASSERT_TRUE(session.failed());
   EXPECT_EQ(session.failure().kind, FailureKind::refused);
@@ -502,9 +495,8 @@ TEST(AgencySession, ConnectionErrorFrameIsARefusal) {
 TEST(AgencySession, TransientConnectionErrorsAskForANewConnection) {
   for (auto status : {proto::Status::too_many_connections, proto::Status::handshake_timeout,
                       proto::Status::idle_timeout}) {
-    VectorSource source(5);
-    RecordingListener listener;
-    AgencySession session(options(), source, listener);
+    Rig rig(5);
+    auto& [source, listener, session, server] = rig;
     receive_connection_error(session, status, "later");
     EXPECT_FALSE(session.failed()) << proto::status_name(status);
     EXPECT_TRUE(session.must_reconnect()) << proto::status_name(status);
@@ -513,9 +505,8 @@ TEST(AgencySession, TransientConnectionErrorsAskForANewConnection) {
 }
 
 TEST(AgencySession, GarbageIsAProtocolError) {
-  VectorSource source(5);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
+  Rig rig(5);
+  auto& [source, listener, session, server] = rig;
   auto space = session.receive_space();
   std::memset(space.data(), 0xAB, 32);
   session.on_received(32);
@@ -526,10 +517,8 @@ TEST(AgencySession, GarbageIsAProtocolError) {
 // ------------------------------------------------------------------ exactly once
 
 TEST(AgencySessionExactlyOnce, ResumesAfterTheStoredPrefix) {
-  VectorSource source(95);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(95, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   // An earlier run got batches 1..3 (30 bets) stored, perhaps with another
   // batch size: only the bet count decides where the source resumes.
   server.stored_seq = 3;
@@ -552,10 +541,8 @@ TEST(AgencySessionExactlyOnce, ResumesAfterTheStoredPrefix) {
 }
 
 TEST(AgencySessionExactlyOnce, ResumeFailsWhenTheSourceIsShorterThanWhatIsStored) {
-  VectorSource source(25);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  FakeServer server;
+  Rig rig(25);
+  auto& [source, listener, session, server] = rig;
   server.stored_seq = 3;
   server.producer_bets = 30;
   pump(session, server);
@@ -582,10 +569,8 @@ TEST(AgencySessionExactlyOnce, SingleBetAlreadyStoredIsNotSentAgain) {
 }
 
 TEST(AgencySessionExactlyOnce, DropMidWindowResendsOnlyWhatTheServerLacks) {
-  VectorSource source(100);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(100, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.hold_batch_acks = true;
   server.lose_from_seq = 3;  // the connection dies under batch 3
   pump(session, server);
@@ -622,10 +607,8 @@ TEST(AgencySessionExactlyOnce, DropMidWindowResendsOnlyWhatTheServerLacks) {
 }
 
 TEST(AgencySessionExactlyOnce, DropAfterEveryBatchWasStoredResendsNothing) {
-  VectorSource source(40);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(40, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.hold_batch_acks = true;
   pump(session, server);
   ASSERT_EQ(server.stored_seqs, seqs(1, 4));
@@ -639,10 +622,8 @@ TEST(AgencySessionExactlyOnce, DropAfterEveryBatchWasStoredResendsNothing) {
 }
 
 TEST(AgencySessionExactlyOnce, LostFinishedAckThenHelloSaysFinished) {
-  VectorSource source(25);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(25, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.winners = {"1", "22", "333"};
   server.lose_finished_reply = true;
   pump(session, server);
@@ -659,10 +640,8 @@ TEST(AgencySessionExactlyOnce, LostFinishedAckThenHelloSaysFinished) {
 }
 
 TEST(AgencySessionExactlyOnce, LostFinishedRequestIsSentAgain) {
-  VectorSource source(25);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(25, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.winners = {"1"};
   server.lose_finished_request = true;
   pump(session, server);
@@ -676,10 +655,8 @@ TEST(AgencySessionExactlyOnce, LostFinishedRequestIsSentAgain) {
 }
 
 TEST(AgencySessionExactlyOnce, DropWhileWaitingForWinnersAsksAgainFromTheSamePage) {
-  VectorSource source(5);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  FakeServer server;
+  Rig rig(5);
+  auto& [source, listener, session, server] = rig;
   server.winners = {"1", "22", "333", "4444", "55555"};
   server.lose_winners_start = 2;
   pump(session, server);
@@ -693,10 +670,8 @@ TEST(AgencySessionExactlyOnce, DropWhileWaitingForWinnersAsksAgainFromTheSamePag
 }
 
 TEST(AgencySessionExactlyOnce, ProducerBusyThenSuccess) {
-  VectorSource source(30);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  FakeServer server;
+  Rig rig(30);
+  auto& [source, listener, session, server] = rig;
   server.busy_hellos = 2;
   pump(session, server);
   for (int i = 0; i < 2; i++) {
@@ -717,10 +692,8 @@ TEST(AgencySessionExactlyOnce, ProducerBusyThenSuccess) {
 }
 
 TEST(AgencySessionExactlyOnce, SequenceGapIsAProtocolFailure) {
-  VectorSource source(50);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(50, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.force_gap_seq = 2;
   pump(session, server);
   ASSERT_TRUE(session.failed());
@@ -734,10 +707,8 @@ TEST(AgencySessionExactlyOnce, SequenceGapIsAProtocolFailure) {
 TEST(AgencySessionExactlyOnce, RejectionIsReportedNotTheGapsItCauses) {
   // Replies come newest first here, so the gaps for 3 and 4 arrive before
   // the rejection of 2 that caused them.
-  VectorSource source(100);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(100, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.hold_batch_acks = true;
   server.reverse_acks = true;
   server.reject_seq = 2;
@@ -755,10 +726,8 @@ TEST(AgencySessionExactlyOnce, RejectionIsReportedNotTheGapsItCauses) {
 }
 
 TEST(AgencySessionExactlyOnce, GapBehindAcksIsReportedOnceTheyArrive) {
-  VectorSource source(100);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(100, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.hold_batch_acks = true;
   server.reverse_acks = true;
   server.force_gap_seq = 3;
@@ -772,10 +741,8 @@ TEST(AgencySessionExactlyOnce, GapBehindAcksIsReportedOnceTheyArrive) {
 }
 
 TEST(AgencySessionExactlyOnce, ServerThatForgotAcknowledgedBatchesIsAProtocolFailure) {
-  VectorSource source(100);
-  RecordingListener listener;
-  AgencySession session(options(4, 10), source, listener);
-  FakeServer server;
+  Rig rig(100, options(4, 10));
+  auto& [source, listener, session, server] = rig;
   server.lose_from_seq = 5;
   pump(session, server);
   ASSERT_EQ(session.batches_acked(), 4u);
@@ -790,9 +757,8 @@ TEST(AgencySessionExactlyOnce, ServerThatForgotAcknowledgedBatchesIsAProtocolFai
 }
 
 TEST(AgencySessionExactlyOnce, ShuttingDownAsksForANewConnection) {
-  VectorSource source(10);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
+  Rig rig(10);
+  auto& [source, listener, session, server] = rig;
   std::vector<std::byte> buf(256);
   size_t n = proto::encode_error_reply(buf.data(), buf.size(), proto::connection_error_type, 0,
                                        proto::Status::shutting_down, proto::no_bet_index, "stopping");
@@ -803,7 +769,6 @@ TEST(AgencySessionExactlyOnce, ShuttingDownAsksForANewConnection) {
   EXPECT_TRUE(session.must_reconnect());
   EXPECT_EQ(session.retry_status(), proto::Status::shutting_down);
   EXPECT_TRUE(session.pending_output().empty());
-  FakeServer server;
   reconnect(session, server);
   ASSERT_TRUE(session.done()) << session.failure().reason;
   EXPECT_EQ(listener.acked_bets, 10u);
@@ -831,137 +796,16 @@ void serve(int fd, FakeServer& server, bool close_after_hello) {
   ::shutdown(fd, SHUT_RDWR);
 }
 
-}  // namespace
-
-TEST(AgencySessionSocket, DrivesAWholeSession) {
+// A connected pair: the client's end non-blocking (as the client makes its
+// sockets), the fake server's end blocking (its thread just reads and writes).
+std::pair<UniqueFd, UniqueFd> socket_pair() {
   int sv[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return {};
   UniqueFd client(sv[0]);
-  UniqueFd server_fd(sv[1]);
-  // The server thread uses blocking reads.
-  int flags = ::fcntl(server_fd.get(), F_GETFL);
-  ASSERT_EQ(::fcntl(server_fd.get(), F_SETFL, flags & ~O_NONBLOCK), 0);
-  FakeServer server;
-  server.winners = {"30904465", "21689196", "34407251"};
-  std::thread t([&] { serve(server_fd.get(), server, false); });
-
-  VectorSource source(3000);
-  RecordingListener listener;
-  AgencySession session(options(16, 128), source, listener);
-  std::atomic<bool> stop{false};
-  RunOutcome outcome = drive_session(client.get(), session, WaitContext{&stop, nullptr});
-  client.reset();
-  t.join();
-  ASSERT_EQ(outcome.result, RunResult::done) << outcome.error.message << session.failure().reason;
-  EXPECT_EQ(listener.acked_bets, 3000u);
-  EXPECT_EQ(listener.winners, server.winners);
+  int flags = ::fcntl(client.get(), F_GETFL);
+  EXPECT_EQ(::fcntl(client.get(), F_SETFL, flags | O_NONBLOCK), 0);
+  return {std::move(client), UniqueFd(sv[1])};
 }
-
-TEST(AgencySessionSocket, ServerClosingMidSessionIsConnectionLost) {
-  int sv[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
-  UniqueFd client(sv[0]);
-  UniqueFd server_fd(sv[1]);
-  int flags = ::fcntl(server_fd.get(), F_GETFL);
-  ASSERT_EQ(::fcntl(server_fd.get(), F_SETFL, flags & ~O_NONBLOCK), 0);
-  FakeServer server;
-  server.hold_batch_acks = true;
-  std::thread t([&] { serve(server_fd.get(), server, true); });
-
-  VectorSource source(100);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  std::atomic<bool> stop{false};
-  RunOutcome outcome = drive_session(client.get(), session, WaitContext{&stop, nullptr});
-  t.join();
-  EXPECT_EQ(outcome.result, RunResult::connection_lost);
-  EXPECT_FALSE(outcome.error.message.empty());
-}
-
-TEST(AgencySessionSocket, StopFlagEndsAWait) {
-  int sv[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
-  UniqueFd client(sv[0]);
-  UniqueFd server_fd(sv[1]);  // never answers
-  VectorSource source(1);
-  RecordingListener listener;
-  AgencySession session(options(), source, listener);
-  std::atomic<bool> stop{true};
-  RunOutcome outcome = drive_session(client.get(), session, WaitContext{&stop, nullptr});
-  EXPECT_EQ(outcome.result, RunResult::stopped);
-}
-
-TEST(ClientNet, BackoffDoublesUpToTheCap) {
-  using std::chrono::milliseconds;
-  RetryPolicy p{10, milliseconds(500), milliseconds(5000)};
-  EXPECT_EQ(backoff_delay(p, 1), milliseconds(500));
-  EXPECT_EQ(backoff_delay(p, 2), milliseconds(1000));
-  EXPECT_EQ(backoff_delay(p, 4), milliseconds(4000));
-  EXPECT_EQ(backoff_delay(p, 5), milliseconds(5000));
-  EXPECT_EQ(backoff_delay(p, 50), milliseconds(5000));
-  RetryPolicy big{3, milliseconds(8000), milliseconds(5000)};
-  EXPECT_EQ(backoff_delay(big, 3), milliseconds(8000));
-}
-
-TEST(ClientNet, RetriesThenGivesUpOnARefusedPort) {
-  // Bind a port, then close it: connecting there is refused.
-  UniqueFd probe(::socket(AF_INET, SOCK_STREAM, 0));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  socklen_t len = sizeof addr;
-  ASSERT_EQ(::getsockname(probe.get(), reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  uint16_t port = ntohs(addr.sin_port);
-  probe.reset();
-
-  std::vector<uint32_t> attempts;
-  RetryPolicy p{3, std::chrono::milliseconds(1), std::chrono::milliseconds(5)};
-  auto fd = connect_with_retry(
-      HostPort{"127.0.0.1", port}, p, WaitContext{},
-      [&](uint32_t attempt, const common::Error&, std::chrono::milliseconds) { attempts.push_back(attempt); });
-  ASSERT_FALSE(fd.ok());
-  EXPECT_EQ(fd.error().code, ECONNREFUSED);
-  EXPECT_NE(fd.error().message.find("after 3 attempts"), std::string::npos) << fd.error().message;
-  EXPECT_EQ(attempts, (std::vector<uint32_t>{1, 2}));
-}
-
-TEST(ClientNet, ConnectsToAListener) {
-  UniqueFd listener(::socket(AF_INET, SOCK_STREAM, 0));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  ASSERT_EQ(::listen(listener.get(), 1), 0);
-  socklen_t len = sizeof addr;
-  ASSERT_EQ(::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  auto fd = connect_once(HostPort{"localhost", ntohs(addr.sin_port)}, WaitContext{});
-  ASSERT_TRUE(fd.ok()) << fd.error().message;
-  EXPECT_TRUE(fd->valid());
-}
-
-// ------------------------------------------------------------------ reconnect loop
-
-namespace {
-
-struct RecordingObserver final : ConnectionObserver {
-  void on_connected() override { connected++; }
-  void on_connect_failed(uint32_t attempt, const common::Error&, std::chrono::milliseconds) override {
-    connect_failures.push_back(attempt);
-    if (stop_on_connect_failure) stop_on_connect_failure->store(true);
-  }
-  void on_reconnecting(uint32_t attempt, uint32_t pending, const common::Error& why) override {
-    reconnect_attempts.push_back(attempt);
-    reconnect_pending.push_back(pending);
-    reconnect_errors.push_back(why.message);
-  }
-  int connected = 0;
-  std::vector<uint32_t> connect_failures;
-  std::vector<uint32_t> reconnect_attempts;
-  std::vector<uint32_t> reconnect_pending;
-  std::vector<std::string> reconnect_errors;
-  std::atomic<bool>* stop_on_connect_failure = nullptr;
-};
 
 // A loopback TCP listener on an ephemeral port.
 struct LoopbackListener {
@@ -988,6 +832,107 @@ uint16_t refused_port() {
   LoopbackListener l = listen_on_loopback();
   return l.port;  // the listener closes as `l` goes
 }
+
+}  // namespace
+
+TEST(AgencySessionSocket, DrivesAWholeSession) {
+  auto [client, server_fd] = socket_pair();
+  FakeServer server;
+  server.winners = {"30904465", "21689196", "34407251"};
+  std::thread t([&] { serve(server_fd.get(), server, false); });
+
+  VectorSource source(3000);
+  RecordingListener listener;
+  AgencySession session(options(16, 128), source, listener);
+  std::atomic<bool> stop{false};
+  RunOutcome outcome = drive_session(client.get(), session, WaitContext{&stop, nullptr});
+  client.reset();
+  t.join();
+  ASSERT_EQ(outcome.result, RunResult::done) << outcome.error.message << session.failure().reason;
+  EXPECT_EQ(listener.acked_bets, 3000u);
+  EXPECT_EQ(listener.winners, server.winners);
+}
+
+TEST(AgencySessionSocket, ServerClosingMidSessionIsConnectionLost) {
+  auto [client, server_fd] = socket_pair();
+  FakeServer server;
+  server.hold_batch_acks = true;
+  std::thread t([&] { serve(server_fd.get(), server, true); });
+
+  VectorSource source(100);
+  RecordingListener listener;
+  AgencySession session(options(), source, listener);
+  std::atomic<bool> stop{false};
+  RunOutcome outcome = drive_session(client.get(), session, WaitContext{&stop, nullptr});
+  t.join();
+  EXPECT_EQ(outcome.result, RunResult::connection_lost);
+  EXPECT_FALSE(outcome.error.message.empty());
+}
+
+TEST(AgencySessionSocket, StopFlagEndsAWait) {
+  auto [client, server_fd] = socket_pair();  // the server never answers
+  Rig rig(1);
+  auto& [source, listener, session, server] = rig;
+  std::atomic<bool> stop{true};
+  RunOutcome outcome = drive_session(client.get(), session, WaitContext{&stop, nullptr});
+  EXPECT_EQ(outcome.result, RunResult::stopped);
+}
+
+TEST(ClientNet, BackoffDoublesUpToTheCap) {
+  using std::chrono::milliseconds;
+  RetryPolicy p{10, milliseconds(500), milliseconds(5000)};
+  EXPECT_EQ(backoff_delay(p, 1), milliseconds(500));
+  EXPECT_EQ(backoff_delay(p, 2), milliseconds(1000));
+  EXPECT_EQ(backoff_delay(p, 4), milliseconds(4000));
+  EXPECT_EQ(backoff_delay(p, 5), milliseconds(5000));
+  EXPECT_EQ(backoff_delay(p, 50), milliseconds(5000));
+  RetryPolicy big{3, milliseconds(8000), milliseconds(5000)};
+  EXPECT_EQ(backoff_delay(big, 3), milliseconds(8000));
+}
+
+TEST(ClientNet, RetriesThenGivesUpOnARefusedPort) {
+  uint16_t port = refused_port();
+
+  std::vector<uint32_t> attempts;
+  RetryPolicy p{3, std::chrono::milliseconds(1), std::chrono::milliseconds(5)};
+  auto fd = connect_with_retry(
+      HostPort{"127.0.0.1", port}, p, WaitContext{},
+      [&](uint32_t attempt, const common::Error&, std::chrono::milliseconds) { attempts.push_back(attempt); });
+  ASSERT_FALSE(fd.ok());
+  EXPECT_EQ(fd.error().code, ECONNREFUSED);
+  EXPECT_NE(fd.error().message.find("after 3 attempts"), std::string::npos) << fd.error().message;
+  EXPECT_EQ(attempts, (std::vector<uint32_t>{1, 2}));
+}
+
+TEST(ClientNet, ConnectsToAListener) {
+  LoopbackListener listener = listen_on_loopback();
+  auto fd = connect_once(HostPort{"localhost", listener.port}, WaitContext{});
+  ASSERT_TRUE(fd.ok()) << fd.error().message;
+  EXPECT_TRUE(fd->valid());
+}
+
+// ------------------------------------------------------------------ reconnect loop
+
+namespace {
+
+struct RecordingObserver final : ConnectionObserver {
+  void on_connected() override { connected++; }
+  void on_connect_failed(uint32_t attempt, const common::Error&, std::chrono::milliseconds) override {
+    connect_failures.push_back(attempt);
+    if (stop_on_connect_failure) stop_on_connect_failure->store(true);
+  }
+  void on_reconnecting(uint32_t attempt, uint32_t pending, const common::Error& why) override {
+    reconnect_attempts.push_back(attempt);
+    reconnect_pending.push_back(pending);
+    reconnect_errors.push_back(why.message);
+  }
+  int connected = 0;
+  std::vector<uint32_t> connect_failures;
+  std::vector<uint32_t> reconnect_attempts;
+  std::vector<uint32_t> reconnect_pending;
+  std::vector<std::string> reconnect_errors;
+  std::atomic<bool>* stop_on_connect_failure = nullptr;
+};
 
 // Serves one connection until the client closes it or `cut_after_batches`
 // batches have arrived; then the connection is closed under the client, with
