@@ -44,6 +44,16 @@ std::vector<std::byte> refusal_frame() {
   return frame;
 }
 
+std::vector<std::byte> tls_required_frame() {
+  std::vector<std::byte> frame(limits::frame_header_bytes + 6 + limits::reply_reason_bytes_max);
+  size_t n = proto::encode_error_reply(frame.data(), frame.size(), proto::connection_error_type, 0,
+                                       Status::tls_required, proto::no_bet_index,
+                                       "this server requires TLS with the agency's key (--tls-key)");
+  LOTTERY_ASSERT(n > 0);
+  frame.resize(n);
+  return frame;
+}
+
 LotteryService::LotteryService(reactor::Reactor& reactor, reactor::Link& link, store::Store& store,
                                control::Control& control, control::ProducerLocks& producer_locks,
                                ServiceOptions options)

@@ -46,6 +46,9 @@ reactor::Options reactor_options_for(const ServiceOptions& options);
 // The frame the server sends to a connection it refuses for lack of room
 // (status too_many_connections), for Reactor::set_refusal.
 std::vector<std::byte> refusal_frame();
+// The frame, in clear, for a plaintext connection to a server that requires
+// TLS (status tls_required), for tls::TlsLayer::set_plaintext_refusal.
+std::vector<std::byte> tls_required_frame();
 
 struct ServiceCounters {
   uint64_t connections = 0;

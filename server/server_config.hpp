@@ -44,6 +44,11 @@ struct ServerConfig {
   uint32_t group_window_ms = 1;
   uint32_t group_batches_max = 64;
   bool repair = false;
+  // TLS (docs/SECURITY.md): the server's keys file; empty means plaintext,
+  // every connection unauthenticated (logged as a warning at start).
+  std::string tls_keys;
+  uint32_t tls_failure_burst = 10;      // failed handshakes an address may make in a row
+  uint32_t tls_failure_refill_ms = 1000;  // then one more per this many ms
 };
 
 // Seconds since the epoch of a --close-at value, or an error.
