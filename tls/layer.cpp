@@ -192,7 +192,7 @@ size_t TlsLayer::on_data(reactor::ConnId id, std::span<const std::byte> data) {
         int e = SSL_get_error(c.ssl, r);
         if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
           std::string detail = drain_errors();
-          handshake_failed(c, c.offered == 0 ? "unknown_identity_or_wrong_key" : "handshake_failed", detail);
+          handshake_failed(c, "handshake_failed", detail);
           return data.size();
         }
       }
