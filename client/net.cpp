@@ -123,6 +123,10 @@ ssize_t tls_io(SSL* ssl, int r) {
       if (errno == 0) return 0;  // EOF without close_notify
       return -1;
     default:
+      if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        ERR_clear_error();
+        return 0;  // EOF without close_notify (OpenSSL 3 calls it an error)
+      }
       ERR_clear_error();
       errno = EPROTO;
       return -1;
@@ -290,6 +294,14 @@ common::Status tls_handshake(int fd, SSL* ssl, const WaitContext& ctx, bool& ref
                                    "TLS handshake: the server closed the connection (too many failed handshakes "
                                    "from this address, or the server is stopping)");
       default: {
+        // OpenSSL 3 reports a bare EOF as an error of its own: the server
+        // closed without a word (rate limited, stopping), not a refusal.
+        if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+          ERR_clear_error();
+          return common::Error::make(ECONNRESET,
+                                     "TLS handshake: the server closed the connection (too many failed handshakes "
+                                     "from this address, or the server is stopping)");
+        }
         // An alert from the server, or one we raise: the key is not accepted.
         refused = true;
         return common::Error::make(EACCES, "TLS handshake refused: " + tls::drain_errors() +
