@@ -190,11 +190,29 @@ def test_reference_data_set_over_tls_gives_known_winners(start_server, workdir):
         found = events(log, "consulta_ganadores")
         assert len(found) == 1 and found[0][2] == "success"
         assert int(found[0][3]["cant_ganadores"]) == REFERENCE_WINNERS[a], f"agency {a}"
+    # After the draw, each agency reads its own winners (agency 0: "mine"),
+    # and asking for any other agency's is refused and cut off.
+    for a in AGENCIES:
+        p = Proxy(server, key_file(keys, a))
+        try:
+            c = p.connect()
+            assert c.request(lp.hello(1, a, producer_id=900 + a)).status == "ok"
+            reply = c.request(lp.winners(2, 0))
+            assert reply.status == "ok"
+            assert reply.winners_page()[0] == REFERENCE_WINNERS[a]
+            for b in AGENCIES:
+                if b != a:
+                    c = p.connect()
+                    assert c.request(lp.hello(1, a, producer_id=900 + a)).status == "ok"
+                    expect_refused_and_closed(c, lp.winners(2, b), lp.WINNERS, 2)
+        finally:
+            p.stop()
     assert server.stop() == 0
     log = server.log()
     draws = events(log, "sorteo")
     assert len(draws) == 1 and int(draws[0][3]["apuestas"]) == 78697
     assert tls_failures(server) == []
+    assert len(events(log, "agencia_ajena")) == 20
 
 
 def test_a_client_with_another_agencys_key_or_none_is_refused(start_server, workdir):

@@ -5,9 +5,11 @@
 #include <openssl/err.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -277,6 +279,38 @@ TEST(KeyRing, ParsesTheFileFormatAndNamesTheBadLine) {
     ASSERT_FALSE(bad.ok()) << text;
     EXPECT_NE(bad.error().message.find(line), std::string::npos) << bad.error().message;
   }
+}
+
+TEST(KeyDir, InitWritesPrivateFilesAndRotateChangesOneAgency) {
+  char tmpl[] = "/tmp/lottery-keys-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  std::string dir = std::string(tmpl) + "/keys";
+  ASSERT_TRUE(tls::init_key_dir(dir, 3, false).ok());
+  struct stat st {};
+  ASSERT_EQ(::stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+  auto server = tls::KeyRing::load(dir + "/server.keys");
+  ASSERT_TRUE(server.ok());
+  ASSERT_EQ(server->size(), 3u);
+  for (uint32_t a = 1; a <= 3; a++) {
+    std::string path = dir + "/" + tls::agency_key_file_name(a);
+    ASSERT_EQ(::stat(path.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << path;
+    auto own = tls::load_client_key(path);
+    ASSERT_TRUE(own.ok());
+    EXPECT_EQ(own->identity, a);
+    EXPECT_EQ(own->key, *server->find(a));  // the agency's file and the server's line agree
+  }
+  EXPECT_NE(*server->find(1), *server->find(2));
+  EXPECT_FALSE(tls::init_key_dir(dir, 3, false).ok());  // never silently replaces every key
+  ASSERT_TRUE(tls::rotate_key(dir, 2).ok());
+  auto rotated = tls::KeyRing::load(dir + "/server.keys");
+  ASSERT_TRUE(rotated.ok());
+  EXPECT_EQ(*rotated->find(1), *server->find(1));
+  EXPECT_NE(*rotated->find(2), *server->find(2));
+  EXPECT_EQ(*rotated->find(3), *server->find(3));
+  EXPECT_EQ(tls::load_client_key(dir + "/agency-2.key")->key, *rotated->find(2));
+  std::filesystem::remove_all(tmpl);
 }
 
 }  // namespace
