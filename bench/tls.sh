@@ -39,7 +39,8 @@ for round in $(seq 1 "$ROUNDS"); do
 import json, sys
 d = json.load(sys.stdin)
 cpu = d['server_cpu_s'] / (d['bets'] / 1e6) if d['bets'] else 0
-print('$mode', $round, round(d['bets_per_s']), d['latency_us']['p50'], d['latency_us']['p99'], round(cpu, 4))" \
+gen = d['client_cpu_s'] / (d['bets'] / 1e6) if d['bets'] else 0
+print('$mode', $round, round(d['bets_per_s']), d['latency_us']['p50'], d['latency_us']['p99'], round(cpu, 4), round(gen, 4))" \
       | tee -a "$DATA/runs"
     kill "$pid"
     wait "$pid" 2>/dev/null || true
@@ -50,8 +51,10 @@ import statistics, sys
 runs = [l.split() for l in open(sys.argv[1])]
 def med(mode, col):
     return statistics.median(float(r[col]) for r in runs if r[0] == mode)
-print(f"medians of {sum(1 for r in runs if r[0] == 'plain')} runs each (mode round bets/s p50_us p99_us server_cpu_s_per_M_bets above)")
-for name, col in (("bets/s", 2), ("p50 latency", 3), ("p99 latency", 4), ("server CPU per bet", 5)):
+print(f"medians of {sum(1 for r in runs if r[0] == 'plain')} runs each "
+      "(columns above: mode round bets/s p50_us p99_us server_cpu_s_per_M_bets generator_cpu_s_per_M_bets)")
+for name, col in (("bets/s", 2), ("p50 latency", 3), ("p99 latency", 4), ("server CPU per bet", 5),
+                  ("generator CPU/bet", 6)):
     p, t = med("plain", col), med("tls", col)
     print(f"  {name:18s} plaintext {p:>12.4g}  TLS {t:>12.4g}  TLS/plaintext {t / p:.3f}")
 PY

@@ -53,6 +53,13 @@ common::Result<CtxPtr> make_context(Side side) {
   // Partial writes: a reply larger than the room in the BIO pair is written
   // record by record, with the ciphertext moved out between records.
   SSL_CTX_set_mode(ctx.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  if (side == Side::client) {
+    // A client reads from its socket: without read-ahead OpenSSL makes two
+    // read(2) calls per record (header, then body), and a pipelined client
+    // gets a small record per acknowledgement. Read-ahead takes whatever the
+    // socket holds in one call; callers read until SSL_read wants more.
+    SSL_CTX_set_read_ahead(ctx.get(), 1);
+  }
   if (side == Side::server) {
     // Every connection proves its key afresh; tickets would only be a second
     // kind of credential to rotate.
