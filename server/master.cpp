@@ -421,6 +421,15 @@ int Master::run() {
     auto keys = tls::KeyRing::load(_cfg.tls_keys);
     if (!keys) return fail("tls_keys", keys.error().message);
     if (keys->empty()) return fail("tls_keys", _cfg.tls_keys + " holds no key; run lotteryctl keys init");
+    // An agency without a key can never connect, and the draw waits for it.
+    std::string missing;
+    for (uint32_t a = 1; a <= _cfg.agencies; a++)
+      if (keys->find(a) == nullptr) missing += (missing.empty() ? "" : ",") + std::to_string(a);
+    if (!missing.empty())
+      log::warning("tls_keys", log::Outcome::fail,
+                   {{"file", _cfg.tls_keys}, {"agencies_without_key", missing},
+                    {"warning", "these agencies cannot connect; the draw waits for them (lotteryctl keys rotate "
+                                "--agency N adds one)"}});
     log::info("tls", log::Outcome::success,
               {{"mode", "tls1.3-psk"}, {"keys", keys->size()}, {"file", _cfg.tls_keys},
                {"plaintext", "refused"}});

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -156,7 +157,11 @@ std::string agency_key_file_name(uint32_t agency) { return "agency-" + std::to_s
 common::Status init_key_dir(const std::string& dir, uint32_t agencies, bool replace) {
   if (agencies < 1 || agencies > limits::identity_max)
     return common::Error::make(EINVAL, "--agencies must be 1.." + std::to_string(limits::identity_max));
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return common::Error::from_errno(("mkdir " + dir).c_str());
+  // Parents as needed, like mkdir -p; the key directory itself is private.
+  std::error_code ec;
+  bool created = std::filesystem::create_directories(dir, ec);
+  if (ec) return common::Error::make(ec.value(), "mkdir " + dir + ": " + ec.message());
+  if (created && ::chmod(dir.c_str(), 0700) != 0) return common::Error::from_errno(("chmod 0700 " + dir).c_str());
   std::string server_path = dir + "/" + server_keys_file_name;
   if (!replace && ::access(server_path.c_str(), F_OK) == 0)
     return common::Error::make(EEXIST, server_path + " exists; use keys rotate for one agency, or --force to "
