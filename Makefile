@@ -12,7 +12,7 @@ AGENCIES ?= 5
 DEPS := build-essential cmake ninja-build pkg-config git \
         liburing-dev libmimalloc-dev libgtest-dev libgmock-dev libbenchmark-dev \
         libyaml-cpp-dev libinih-dev libspdlog-dev libfmt-dev libcli11-dev \
-        python3 python3-pytest curl clang libclang-rt-14-dev
+        python3 python3-pytest curl clang libclang-rt-14-dev libssl-dev
 FUZZ_BUILD_DIR ?= build-fuzz
 FUZZ_SECONDS ?= 20
 
@@ -95,6 +95,9 @@ CLIENT_IMAGE ?= lottery-client:latest
 COMPOSE_YAML ?= docker/docker-compose.generated.yaml
 COMPOSE_PROJECT ?= lottery
 AGENCY_DATA_DIR ?= .data
+# TLS keys of the compose deployment (docker/generate-keys.sh); TLS=off for plaintext.
+KEYS_DIR ?= .keys
+TLS ?= on
 DATAGEN_ARGS ?= --bets 10000 --seed 2026
 # Seconds from SIGTERM to SIGKILL; the server needs at most its
 # --shutdown-grace-ms (5 s) plus the store sync.
@@ -123,10 +126,11 @@ docker-image: docker-base
 
 docker-compose-file:
 	$(DOCKER_ENV) LOTTERY_DATA_DIR="$(AGENCY_DATA_DIR)" STOP_GRACE_PERIOD="$(STOP_TIMEOUT)" \
-	  docker/generate-compose.sh $(COMPOSE_YAML) $(AGENCIES)
+	  LOTTERY_KEYS_DIR="$(KEYS_DIR)" LOTTERY_TLS="$(TLS)" docker/generate-compose.sh $(COMPOSE_YAML) $(AGENCIES)
 
 docker-compose-up: docker-image
 	$(DOCKER_ENV) docker/generate-data.sh "$(AGENCY_DATA_DIR)" $(AGENCIES) $(DATAGEN_ARGS)
+	[ "$(TLS)" = off ] || $(DOCKER_ENV) docker/generate-keys.sh "$(KEYS_DIR)" $(AGENCIES)
 	$(MAKE) --no-print-directory docker-compose-file
 	$(COMPOSE) -p $(COMPOSE_PROJECT) -f $(COMPOSE_YAML) up -d --remove-orphans
 	@echo "started: the server and $(AGENCIES) agencies. Follow: make docker-compose-logs   Stop: make docker-compose-down"

@@ -38,6 +38,7 @@ constexpr int exit_ok = 0;
 constexpr int exit_input_refused = 1;
 constexpr int exit_unreachable = 2;
 constexpr int exit_connection = 3;
+constexpr int exit_tls_refused = 4;
 
 // Written by the signal handler, read by every wait (see client/net.hpp).
 std::atomic<bool> stop_requested{false};
@@ -281,7 +282,31 @@ RunEnd run_session(const ClientConfig& cfg, BetSource& source, SessionMode mode,
   AgencySession session(options, source, listener);
 
   RetryPolicy policy{cfg.loop_amount, cfg.loop_period, loop_backoff_cap};
-  RunOutcome outcome = run_session_with_reconnect(cfg.server, policy, session, ctx, listener);
+  // TLS: the agency's key proves who we are; the server takes the agency
+  // from the handshake.
+  TlsClient tls_client;
+  tls::CtxPtr tls_ctx;
+  tls::ClientKey tls_key;
+  if (!cfg.tls_key.empty()) {
+    auto key = tls::load_client_key(cfg.tls_key);
+    if (!key) {
+      log::error("tls_key", Outcome::fail, {{"file", cfg.tls_key}, {"error", key.error().message}});
+      return {exit_input_refused, false};
+    }
+    tls_key = std::move(*key);
+    if (tls_key.identity != cfg.agency_id)
+      log::warning("tls_key", Outcome::fail,
+                   {{"file", cfg.tls_key}, {"key_agency", tls_key.identity}, {"agency", cfg.agency_id},
+                    {"warning", "the key belongs to another agency; the server will refuse this agency's requests"}});
+    auto made = tls::make_context(tls::Side::client);
+    if (!made) {
+      log::error("tls_key", Outcome::fail, {{"error", made.error().message}});
+      return {exit_connection, false};
+    }
+    tls_ctx = std::move(*made);
+    tls_client = TlsClient{tls_ctx.get(), &tls_key};
+  }
+  RunOutcome outcome = run_session_with_reconnect(cfg.server, policy, session, ctx, listener, tls_client);
   log::debug("cerrar_conexion", Outcome::success, {{"server", cfg.server_address}});
 
   switch (outcome.result) {
@@ -301,6 +326,9 @@ RunEnd run_session(const ClientConfig& cfg, BetSource& source, SessionMode mode,
                     {"pendientes", session.batches_pending()}});
       }
       return {exit_unreachable, false};
+    case RunResult::tls_refused:
+      log::error("tls_handshake", Outcome::fail, {{"server", cfg.server_address}, {"reason", outcome.error.message}});
+      return {exit_tls_refused, false};
     case RunResult::connection_lost:
     case RunResult::come_back_later:
       break;  // handled inside run_session_with_reconnect

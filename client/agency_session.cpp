@@ -23,6 +23,10 @@ FailureKind classify(proto::Status s) {
     case Status::sequence_gap:
     // Only a HELLO may get producer_busy, and that one is retried, never failed.
     case Status::producer_busy:
+    // TLS: the key is another agency's, or the server wants a key we lack;
+    // the configuration is wrong, not the bets.
+    case Status::not_your_agency:
+    case Status::tls_required:
       return FailureKind::protocol;
     // The server cannot take anything right now, whatever we send.
     case Status::storage_error:

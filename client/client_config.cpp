@@ -26,6 +26,7 @@ constexpr SettingName inflight_setting{nullptr, nullptr, "--inflight"};
 constexpr SettingName id_setting{nullptr, "CLI_ID", "--id"};
 constexpr SettingName data_file_setting{nullptr, "CLI_DATA_FILE", "--data-file"};
 constexpr SettingName producer_id_setting{nullptr, "CLI_PRODUCER_ID", "--producer-id"};
+constexpr SettingName tls_key_setting{"tls.key", "CLI_TLS_KEY", "--tls-key"};
 constexpr SettingName nombre_setting{nullptr, "NOMBRE", "--nombre"};
 constexpr SettingName apellido_setting{nullptr, "APELLIDO", "--apellido"};
 constexpr SettingName documento_setting{nullptr, "DOCUMENTO", "--documento"};
@@ -80,7 +81,8 @@ constexpr const char* exit_codes_help =
     "Exit codes: 0 done (or stopped by SIGTERM/SIGINT), 1 input refused (config, data file, a bet the server "
     "rejected, a data file shorter than what the server already stores from it), 2 server not reachable after "
     "loop.amount attempts (at start, or after a dropped connection), 3 protocol error (e.g. the server's stored "
-    "stream for this producer disagrees with this client's) or the server cannot go on (storage error).";
+    "stream for this producer disagrees with this client's, or a request for another agency than the TLS key's) "
+    "or the server cannot go on (storage error), 4 the server refused the TLS key (wrong, rotated, missing).";
 
 }  // namespace
 
@@ -104,6 +106,7 @@ CommandLine read_command_line(int argc, char** argv) {
   s.batch_max_amount = file_value(values, batch_max_amount_setting, std::to_string(default_batch_max_amount));
   s.batch_max_bytes = std::to_string(limits::client_batch_bytes_default);
   s.inflight = std::to_string(default_inflight_batches);
+  s.tls_key = file_value(values, tls_key_setting, "");
 
   CLI::App app{"Lottery agency client: sends an agency's bets to the lottery server and asks for its winners.",
                "lottery-client"};
@@ -122,6 +125,8 @@ CommandLine read_command_line(int argc, char** argv) {
   add_setting(app, producer_id_setting, s.producer_id,
               "Producer id for exactly-once resends, 1..2^64-1 (default: a hash of the agency and the data "
               "file's absolute path, or of the single bet)");
+  add_setting(app, tls_key_setting, s.tls_key,
+              "This agency's TLS key file (lotteryctl keys init writes agency-N.key); unset: plaintext");
   add_setting(app, nombre_setting, s.single_bet.first_name, "Single-bet mode: first name");
   add_setting(app, apellido_setting, s.single_bet.last_name, "Single-bet mode: last name");
   add_setting(app, documento_setting, s.single_bet.document, "Single-bet mode: document (digits)");
@@ -281,6 +286,7 @@ common::Result<ClientConfig> resolve_client_config(const ClientSettings& raw) {
   if (!id.ok()) return id.error();
   c.agency_id = static_cast<uint16_t>(id.value());
 
+  c.tls_key = raw.tls_key;
   c.data_file = raw.data_file.empty() ? ".data/agency-" + std::to_string(c.agency_id) + ".csv" : raw.data_file;
   if (!raw.producer_id.empty()) {
     // Zero means "no producer" on the wire.

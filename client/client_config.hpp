@@ -65,6 +65,7 @@ struct ClientSettings {
   std::string id;
   std::string data_file;
   std::string producer_id;
+  std::string tls_key;
   SingleBetFields single_bet;
   bool finish = false;
 };
@@ -108,6 +109,8 @@ struct ClientConfig {
   // Set when all five single-bet fields are given: send that bet alone.
   std::optional<SingleBetFields> single_bet;
   bool finish = false;  // single-bet mode: also send FINISHED and ask for winners
+  // The agency's TLS key file (lotteryctl keys init); empty: plaintext.
+  std::string tls_key;
 };
 
 // Checks and converts the raw settings.

@@ -116,6 +116,7 @@ common::Status check_options(const Options& o) {
   if (o.drain_timeout_s < 0) return bad("--drain-timeout must be >= 0");
   if (o.finish && o.target != Target::lottery) return bad("--finish speaks the lottery protocol only");
   if (!o.csv_files.empty() && !o.csv_dir.empty()) return bad("give --csv files or a --csv-dir, not both");
+  if (!o.tls_keys.empty() && o.target != Target::lottery) return bad("--tls-keys speaks the lottery protocol only");
   return common::ok_status();
 }
 
@@ -155,6 +156,9 @@ common::Result<Options> parse_options(int argc, const char* const* argv, int& ex
   app.add_option("--server-pid", o.server_pids,
                  "server process id whose CPU time (its descendants' included) to report (repeatable)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  app.add_option("--tls-keys", o.tls_keys,
+                 "TLS 1.3 with pre-shared keys: the server's keys file or a directory of agency-N.key files "
+                 "(lotteryctl keys init); each connection uses its agency's key");
   app.add_flag("--json", o.json, "print the report as one JSON object on stdout");
   app.add_flag("--no-progress", no_progress, "no live progress line (it is shown only on a terminal anyway)");
   try {

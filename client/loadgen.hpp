@@ -10,8 +10,9 @@
 //
 // The server's modes (worker processes, io_uring, durability) need nothing
 // from the generator: they change when and by whom a batch is acknowledged,
-// not the protocol. The server has no TLS yet; when it does, the generator
-// gets a --tls flag here.
+// not the protocol. TLS does: with --tls-keys each connection handshakes with
+// its agency's pre-shared key (TLS 1.3, as the agency client does), so the
+// cost of encryption is measured with the same bets.
 #pragma once
 
 #include <atomic>
@@ -107,6 +108,9 @@ struct Options {
   size_t pool_batches = default_pool_batches;
   uint64_t seed = 1;
   std::vector<int> server_pids;  // their CPU time over the measured window goes in the report
+  // TLS keys: the server's keys file (every agency's key) or a directory of
+  // agency-N.key files. Empty: plaintext.
+  std::string tls_keys;
   bool json = false;
   bool progress = true;  // a live line on stderr, only when stderr is a terminal
 };

@@ -33,6 +33,10 @@
 #include "common/assert.hpp"
 #include "lottery/protocol.hpp"
 #include "lottery/wire.hpp"
+#include "tls/keys.hpp"
+#include "tls/psk.hpp"
+
+#include <openssl/err.h>
 
 namespace lottery::loadgen {
 namespace {
@@ -107,6 +111,7 @@ enum class ConnState : uint8_t { hello, ready, finishing, done, dead };
 
 struct Conn {
   int fd = -1;
+  SSL* ssl = nullptr;  // with --tls-keys: the connection's TLS, handshake done
   size_t index = 0;
   const EncodedPool* pool = nullptr;
   size_t next_request = 0;
@@ -129,8 +134,10 @@ class Runner {
  public:
   Runner(const Options& o, const std::atomic<bool>* stop) : _o(o), _stop(stop) {}
   ~Runner() {
-    for (Conn& c : _conns)
+    for (Conn& c : _conns) {
+      if (c.ssl != nullptr) SSL_free(c.ssl);
       if (c.fd >= 0) ::close(c.fd);
+    }
     if (_epfd >= 0) ::close(_epfd);
   }
 
@@ -159,8 +166,16 @@ class Runner {
   bool all_dead() const;
   void progress_tick(uint64_t now);
 
+  common::Status load_tls_keys();
+  // recv/send, or SSL_read/SSL_write with the same conventions (-1 and
+  // errno EAGAIN while OpenSSL waits for the socket).
+  ssize_t read_some(Conn& c, std::byte* p, size_t n);
+  ssize_t write_some(Conn& c, const std::byte* p, size_t n);
+
   const Options& _o;
   const std::atomic<bool>* _stop;
+  tls::CtxPtr _tls_ctx;
+  std::vector<tls::ClientKey> _tls_keys;  // by agency; identity 0 where no key
   std::vector<EncodedPool> _pools;
   std::vector<Conn> _conns;
   int _epfd = -1;
@@ -231,7 +246,70 @@ common::Status Runner::prepare() {
   return common::ok_status();
 }
 
+common::Status Runner::load_tls_keys() {
+  std::error_code ec;
+  tls::KeyRing ring;
+  if (std::filesystem::is_directory(_o.tls_keys, ec)) {
+    for (const EncodedPool& pool : _pools) {
+      auto key = tls::load_client_key(_o.tls_keys + "/" + tls::agency_key_file_name(pool.agency));
+      if (!key) return key.error();
+      ring.set(key->identity, key->key);
+    }
+  } else {
+    auto loaded = tls::KeyRing::load(_o.tls_keys);
+    if (!loaded) return loaded.error();
+    ring = std::move(*loaded);
+  }
+  _tls_keys.resize(limits::agencies_max + 1);
+  for (const EncodedPool& pool : _pools) {
+    const tls::Key* key = ring.find(pool.agency);
+    if (key == nullptr)
+      return common::Error::make(ENOENT, "--tls-keys " + _o.tls_keys + " has no key for agency " +
+                                             std::to_string(pool.agency));
+    _tls_keys[pool.agency] = tls::ClientKey{pool.agency, *key, tls::identity_text(pool.agency)};
+  }
+  auto ctx = tls::make_context(tls::Side::client);
+  if (!ctx) return ctx.error();
+  _tls_ctx = std::move(*ctx);
+  return common::ok_status();
+}
+
+ssize_t Runner::read_some(Conn& c, std::byte* p, size_t n) {
+  if (c.ssl == nullptr) return ::recv(c.fd, p, n, 0);
+  ERR_clear_error();
+  errno = 0;
+  int r = SSL_read(c.ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX)));
+  if (r > 0) return r;
+  int e = SSL_get_error(c.ssl, r);
+  if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+    errno = EAGAIN;
+    return -1;
+  }
+  if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0) ||
+      ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)
+    return 0;
+  if (errno == 0) errno = EPROTO;
+  return -1;
+}
+
+ssize_t Runner::write_some(Conn& c, const std::byte* p, size_t n) {
+  if (c.ssl == nullptr) return ::send(c.fd, p, n, MSG_NOSIGNAL);
+  ERR_clear_error();
+  errno = 0;
+  int r = SSL_write(c.ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX)));
+  if (r > 0) return r;
+  int e = SSL_get_error(c.ssl, r);
+  if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+    errno = EAGAIN;
+    return -1;
+  }
+  if (errno == 0) errno = EPROTO;
+  return -1;
+}
+
 common::Status Runner::connect_all() {
+  if (!_o.tls_keys.empty())
+    if (auto st = load_tls_keys(); !st) return st;
   auto server = client::parse_host_port(_o.address);
   if (!server) return common::Error::make(EINVAL, "--address " + _o.address + ": " + server.error().message);
   _epfd = ::epoll_create1(EPOLL_CLOEXEC);
@@ -257,6 +335,16 @@ common::Status Runner::connect_all() {
     if (!fd)
       return common::Error::make(
           fd.error().code, "connection " + std::to_string(i + 1) + " to " + _o.address + ": " + fd.error().message);
+    if (_tls_ctx) {
+      // One handshake per connection, before the clock starts.
+      auto ssl = tls::make_client_ssl(_tls_ctx.get(), &_tls_keys[c.pool->agency]);
+      if (!ssl) return ssl.error();
+      bool refused = false;
+      if (auto st = client::tls_handshake(fd->get(), ssl->get(), ctx, refused); !st)
+        return common::Error::make(st.error().code,
+                                   "connection " + std::to_string(i + 1) + ": " + st.error().message);
+      c.ssl = ssl->release();
+    }
     c.fd = fd->release();
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
@@ -290,6 +378,10 @@ void Runner::fail_conn(Conn& c, const std::string& why) {
   if (c.state == ConnState::finishing) _finish_pending--;
   c.ring_count = 0;
   c.state = ConnState::dead;
+  if (c.ssl != nullptr) {
+    SSL_free(c.ssl);
+    c.ssl = nullptr;
+  }
   ::close(c.fd);  // also leaves the epoll set
   c.fd = -1;
 }
@@ -365,7 +457,7 @@ void Runner::refill(Conn& c, uint64_t now) {
 
 void Runner::flush(Conn& c) {
   while (c.writable && c.out_head < c.out_tail && c.fd >= 0) {
-    ssize_t n = ::send(c.fd, c.out.data() + c.out_head, c.out_tail - c.out_head, MSG_NOSIGNAL);
+    ssize_t n = write_some(c, c.out.data() + c.out_head, c.out_tail - c.out_head);
     if (n > 0) {
       c.out_head += static_cast<size_t>(n);
       continue;
@@ -492,7 +584,7 @@ size_t Runner::parse_redis(Conn& c, const std::byte* p, size_t n) {
 
 void Runner::on_readable(Conn& c) {
   while (c.fd >= 0) {
-    ssize_t n = ::recv(c.fd, c.in.data() + c.in_len, c.in.size() - c.in_len, 0);
+    ssize_t n = read_some(c, c.in.data() + c.in_len, c.in.size() - c.in_len);
     if (n > 0) {
       c.in_len += static_cast<size_t>(n);
       size_t used = 0;
@@ -517,6 +609,10 @@ void Runner::on_readable(Conn& c) {
       if (!expected)
         fail_conn(c, "connection_closed_by_server");
       else {
+        if (c.ssl != nullptr) {
+          SSL_free(c.ssl);
+          c.ssl = nullptr;
+        }
         ::close(c.fd);
         c.fd = -1;
       }

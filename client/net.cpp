@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <openssl/err.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -100,10 +101,54 @@ bool settled(const AgencySession& session) {
   return session.done() || session.failed() || session.must_reconnect();
 }
 
-common::Status receive_available(int fd, AgencySession& session) {
+// What the last SSL_read/SSL_write wants before it can go on.
+short g_tls_wants = 0;
+
+// TLS reads and writes, with recv/send's conventions: > 0 bytes, 0 the peer
+// closed, -1 with errno (EAGAIN when OpenSSL waits for the socket).
+ssize_t tls_io(SSL* ssl, int r) {
+  if (r > 0) return r;
+  switch (SSL_get_error(ssl, r)) {
+    case SSL_ERROR_WANT_READ:
+      g_tls_wants = POLLIN;
+      errno = EAGAIN;
+      return -1;
+    case SSL_ERROR_WANT_WRITE:
+      g_tls_wants = POLLOUT;
+      errno = EAGAIN;
+      return -1;
+    case SSL_ERROR_ZERO_RETURN:
+      return 0;  // close_notify
+    case SSL_ERROR_SYSCALL:
+      if (errno == 0) return 0;  // EOF without close_notify
+      return -1;
+    default:
+      if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        ERR_clear_error();
+        return 0;  // EOF without close_notify (OpenSSL 3 calls it an error)
+      }
+      ERR_clear_error();
+      errno = EPROTO;
+      return -1;
+  }
+}
+
+ssize_t recv_some(int fd, SSL* ssl, std::byte* p, size_t n) {
+  if (ssl == nullptr) return ::recv(fd, p, n, MSG_DONTWAIT);
+  errno = 0;
+  return tls_io(ssl, SSL_read(ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX))));
+}
+
+ssize_t send_some(int fd, SSL* ssl, const std::byte* p, size_t n) {
+  if (ssl == nullptr) return ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+  errno = 0;
+  return tls_io(ssl, SSL_write(ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX))));
+}
+
+common::Status receive_available(int fd, AgencySession& session, SSL* ssl) {
   while (!settled(session)) {
     std::span<std::byte> space = session.receive_space();
-    ssize_t n = ::recv(fd, space.data(), space.size(), MSG_DONTWAIT);
+    ssize_t n = recv_some(fd, ssl, space.data(), space.size());
     if (n > 0) {
       session.on_received(static_cast<size_t>(n));
       continue;
@@ -136,12 +181,12 @@ common::Error gave_up(const HostPort& server, uint32_t attempts, const common::E
                                             last.message + "); check that the server is up and server.address");
 }
 
-common::Status send_pending(int fd, AgencySession& session) {
+common::Status send_pending(int fd, AgencySession& session, SSL* ssl) {
   while (true) {
     proto::Bytes out = session.pending_output();
     if (out.empty()) return common::ok_status();
     // MSG_NOSIGNAL: a closed peer is an error value here, not SIGPIPE.
-    ssize_t n = ::send(fd, out.data(), out.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t n = send_some(fd, ssl, out.data(), out.size());
     if (n > 0) {
       session.on_sent(static_cast<size_t>(n));
       continue;
@@ -230,7 +275,52 @@ common::Result<UniqueFd> connect_with_retry(const HostPort& server, const RetryP
   }
 }
 
-RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx) {
+common::Status tls_handshake(int fd, SSL* ssl, const WaitContext& ctx, bool& refused) {
+  refused = false;
+  if (SSL_set_fd(ssl, fd) != 1) return common::Error::make(EIO, "SSL_set_fd: " + tls::drain_errors());
+  auto deadline = Clock::now() + tls_handshake_timeout;
+  while (true) {
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_do_handshake(ssl);
+    if (r == 1) return common::ok_status();
+    short want = 0;
+    switch (SSL_get_error(ssl, r)) {
+      case SSL_ERROR_WANT_READ: want = POLLIN; break;
+      case SSL_ERROR_WANT_WRITE: want = POLLOUT; break;
+      case SSL_ERROR_SYSCALL:
+        if (errno != 0) return common::Error::from_errno("TLS handshake");
+        return common::Error::make(ECONNRESET,
+                                   "TLS handshake: the server closed the connection (too many failed handshakes "
+                                   "from this address, or the server is stopping)");
+      default: {
+        // OpenSSL 3 reports a bare EOF as an error of its own: the server
+        // closed without a word (rate limited, stopping), not a refusal.
+        if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+          ERR_clear_error();
+          return common::Error::make(ECONNRESET,
+                                     "TLS handshake: the server closed the connection (too many failed handshakes "
+                                     "from this address, or the server is stopping)");
+        }
+        // An alert from the server, or one we raise: the key is not accepted.
+        refused = true;
+        return common::Error::make(EACCES, "TLS handshake refused: " + tls::drain_errors() +
+                                               " (is --tls-key this agency's current key?)");
+      }
+    }
+    short revents = 0;
+    switch (wait_until(fd, want, deadline, ctx, revents)) {
+      case Wait::ready: break;
+      case Wait::stopped: return stopped_error();
+      case Wait::timed_out:
+        return common::Error::make(ETIMEDOUT, "TLS handshake: no answer within " +
+                                                  std::to_string(tls_handshake_timeout.count()) + " ms");
+      case Wait::failed: return common::Error::from_errno("ppoll during the TLS handshake");
+    }
+  }
+}
+
+RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx, SSL* ssl) {
   while (true) {
     if (session.failed()) return {RunResult::session_failed, {}};
     if (session.done()) return {RunResult::done, {}};
@@ -238,6 +328,8 @@ RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx)
     if (ctx.stopped()) return {RunResult::stopped, {}};
     pollfd p{fd, POLLIN, 0};
     if (!session.pending_output().empty()) p.events |= POLLOUT;
+    // OpenSSL may need the socket the other way round (a write waiting for a read).
+    if (ssl != nullptr) p.events |= g_tls_wants;
     // No timeout: the server holds the winners query until the draw, and
     // waiting for it is the point. A signal or the server ends the wait.
     int rc = ::ppoll(&p, 1, nullptr, ctx.wait_mask);
@@ -249,16 +341,16 @@ RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx)
     // Replies first: a rejection the server sent just before closing explains
     // the close, so it must be read before the close is reported.
     if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-      if (auto st = receive_available(fd, session); !st.ok()) {
+      if (auto st = receive_available(fd, session, ssl); !st.ok()) {
         if (settled(session)) continue;
         return {RunResult::connection_lost, st.error()};
       }
     }
     if (settled(session)) continue;
     if (p.revents & POLLOUT) {
-      if (auto st = send_pending(fd, session); !st.ok()) {
+      if (auto st = send_pending(fd, session, ssl); !st.ok()) {
         // The server may have said why before closing: read it if it is there.
-        (void)receive_available(fd, session);
+        (void)receive_available(fd, session, ssl);
         if (settled(session)) continue;
         return {RunResult::connection_lost, st.error()};
       }
@@ -267,7 +359,7 @@ RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx)
 }
 
 RunOutcome run_session_with_reconnect(const HostPort& server, const RetryPolicy& policy, AgencySession& session,
-                                      const WaitContext& ctx, ConnectionObserver& observer) {
+                                      const WaitContext& ctx, ConnectionObserver& observer, const TlsClient& tls) {
   LOTTERY_ASSERT(policy.attempts >= 1);
   bool connected = false;   // some attempt reached the server
   uint32_t failed = 0;      // attempts since the last HELLO ack that did not reach one
@@ -285,7 +377,26 @@ RunOutcome run_session_with_reconnect(const HostPort& server, const RetryPolicy&
         connected = true;
       }
       uint64_t progress_before = session.progress();
-      RunOutcome out = drive_session(fd->get(), session, ctx);
+      tls::SslPtr ssl;
+      RunOutcome out;
+      bool handshake_done = true;
+      if (tls.enabled()) {
+        auto made = tls::make_client_ssl(tls.ctx, tls.key);
+        if (!made) return {RunResult::tls_refused, made.error(), true};
+        ssl = std::move(*made);
+        bool refused = false;
+        if (auto st = tls_handshake(fd->get(), ssl.get(), ctx, refused); !st) {
+          if (refused) return {RunResult::tls_refused, st.error(), true};
+          if (ctx.stopped()) return {RunResult::stopped, {}, true};
+          out = {RunResult::connection_lost, st.error()};
+          handshake_done = false;  // counted like a dropped connection below
+        }
+      }
+      if (handshake_done) {
+        g_tls_wants = 0;
+        out = drive_session(fd->get(), session, ctx, ssl.get());
+      }
+      ssl.reset();
       fd->reset();
       if (out.result != RunResult::connection_lost && out.result != RunResult::come_back_later) {
         out.ever_connected = true;

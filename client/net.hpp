@@ -20,6 +20,7 @@
 #include "client/agency_session.hpp"
 #include "client/client_config.hpp"
 #include "common/result.hpp"
+#include "tls/psk.hpp"
 
 namespace lottery::client {
 
@@ -83,6 +84,21 @@ using ConnectFailure =
 common::Result<UniqueFd> connect_with_retry(const HostPort& server, const RetryPolicy& policy, const WaitContext& ctx,
                                             const ConnectFailure& on_failure);
 
+// TLS for the client's connections (docs/SECURITY.md): the context and the
+// agency's key. A default-constructed one means plaintext.
+struct TlsClient {
+  SSL_CTX* ctx = nullptr;
+  const tls::ClientKey* key = nullptr;
+  bool enabled() const { return ctx != nullptr; }
+};
+// How long a TLS handshake may take once the TCP connection is up.
+inline constexpr std::chrono::milliseconds tls_handshake_timeout{10000};
+
+// Runs the client side of a TLS handshake over a connected non-blocking
+// socket. `refused` is set when the server answered with an alert (a wrong
+// key, an unknown agency, no key): retrying would not help.
+common::Status tls_handshake(int fd, SSL* ssl, const WaitContext& ctx, bool& refused);
+
 enum class RunResult : uint8_t {
   done,             // the session completed
   session_failed,   // see session.failure()
@@ -90,6 +106,7 @@ enum class RunResult : uint8_t {
   connection_lost,  // drive_session only: see RunOutcome::error
   come_back_later,  // drive_session only: the server said producer_busy or shutting_down
   unreachable,      // run_session_with_reconnect only: every attempt failed, see RunOutcome::error
+  tls_refused,      // the server refused our TLS key (see RunOutcome::error); retrying would not help
 };
 
 struct RunOutcome {
@@ -100,7 +117,8 @@ struct RunOutcome {
 
 // Drives the session over a connected non-blocking socket. Never busy-waits:
 // with nothing to send it sleeps in ppoll() until the server answers.
-RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx);
+// With `ssl` (handshake done) the bytes go through TLS.
+RunOutcome drive_session(int fd, AgencySession& session, const WaitContext& ctx, SSL* ssl = nullptr);
 
 // What run_session_with_reconnect reports, for the log.
 class ConnectionObserver {
@@ -124,7 +142,10 @@ class ConnectionObserver {
 // the next attempt is immediate; after one that dropped with none, it backs
 // off too, so a server that drops every connection is not hammered.
 // Returns done, session_failed, stopped or unreachable.
+// With `tls` enabled every connection starts with a handshake; a refused one
+// ends the run with tls_refused.
 RunOutcome run_session_with_reconnect(const HostPort& server, const RetryPolicy& policy, AgencySession& session,
-                                      const WaitContext& ctx, ConnectionObserver& observer);
+                                      const WaitContext& ctx, ConnectionObserver& observer,
+                                      const TlsClient& tls = TlsClient{});
 
 }  // namespace lottery::client

@@ -12,13 +12,19 @@
 # What is mounted (so changing them needs no image rebuild):
 #   server    <config>/config.ini  -> /etc/lottery/config.ini   (read-only)
 #             named volume lottery-data -> /var/lib/lottery      (the bet store)
+#             <keys>/server.keys   -> /etc/lottery/tls/server.keys (read-only; every agency's TLS key)
 #   clientN   <config>/config.yaml -> /etc/lottery/config.yaml  (read-only)
 #             <data>/agency-N.csv  -> /data/agency-N.csv        (read-only)
-# The server is told N through SERVER_AGENCIES; each client gets CLI_ID=N.
+#             <keys>/agency-N.key  -> /etc/lottery/tls/agency.key (read-only; its own key only)
+# The server is told N through SERVER_AGENCIES and its keys through
+# LOTTERY_TLS_KEYS; each client gets CLI_ID=N and CLI_TLS_KEY.
 #
 # Environment (all optional):
 #   LOTTERY_DATA_DIR     agency files' directory   (default: <repo>/.data)
 #   LOTTERY_CONFIG_DIR   config.ini and config.yaml (default: <repo>/docker/config)
+#   LOTTERY_KEYS_DIR     TLS keys, docker/generate-keys.sh (default: <repo>/.keys)
+#   LOTTERY_TLS          on (default) or off: off writes a plaintext deployment
+#                        (the server then warns that nobody is authenticated)
 #   SERVER_IMAGE         default lottery-server:latest
 #   CLIENT_IMAGE         default lottery-client:latest
 #   STOP_GRACE_PERIOD    seconds between SIGTERM and SIGKILL (default 20)
@@ -39,6 +45,9 @@ agencies_max=4096  # lottery/limits.hpp agencies_max
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR=${LOTTERY_DATA_DIR:-$REPO/.data}
 CONFIG_DIR=${LOTTERY_CONFIG_DIR:-$REPO/docker/config}
+KEYS_DIR=${LOTTERY_KEYS_DIR:-$REPO/.keys}
+TLS=${LOTTERY_TLS:-on}
+[ "$TLS" = on ] || [ "$TLS" = off ] || { echo "$0: LOTTERY_TLS must be on or off" >&2; exit 2; }
 SERVER_IMAGE=${SERVER_IMAGE:-lottery-server:latest}
 CLIENT_IMAGE=${CLIENT_IMAGE:-lottery-client:latest}
 STOP_GRACE_PERIOD=${STOP_GRACE_PERIOD:-20}
@@ -54,6 +63,13 @@ for i in $(seq 1 "$AGENCIES"); do [ -f "$DATA_DIR/agency-$i.csv" ] || missing=$(
 if [ "$missing" -gt 0 ]; then
   echo "$0: warning: $missing of $AGENCIES agency files are missing in $DATA_DIR" \
     "(make docker-compose-up generates them)" >&2
+fi
+if [ "$TLS" = on ]; then
+  missing=0
+  [ -f "$KEYS_DIR/server.keys" ] || missing=1
+  for i in $(seq 1 "$AGENCIES"); do [ -f "$KEYS_DIR/agency-$i.key" ] || missing=1; done
+  [ "$missing" = 0 ] || echo "$0: warning: TLS keys are missing in $KEYS_DIR" \
+    "(make docker-compose-up runs docker/generate-keys.sh)" >&2
 fi
 
 OUT_DIR=$(dirname "$OUT")
@@ -90,11 +106,28 @@ services:
     container_name: server
     environment:
       SERVER_AGENCIES: "$AGENCIES"
+EOF
+  if [ "$TLS" = on ]; then
+    cat <<EOF
+      LOTTERY_TLS_KEYS: /etc/lottery/tls/server.keys
+EOF
+  fi
+  cat <<EOF
     volumes:
       - type: bind
         source: $(q "$CONFIG_INI")
         target: /etc/lottery/config.ini
         read_only: true
+EOF
+  if [ "$TLS" = on ]; then
+    cat <<EOF
+      - type: bind
+        source: $(q "$(rel "$KEYS_DIR/server.keys")")
+        target: /etc/lottery/tls/server.keys
+        read_only: true
+EOF
+  fi
+  cat <<EOF
       - type: volume
         source: lottery-data
         target: /var/lib/lottery
@@ -127,6 +160,13 @@ EOF
     environment:
       CLI_ID: "$i"
       CLI_DATA_FILE: /data/agency-$i.csv
+EOF
+    if [ "$TLS" = on ]; then
+      cat <<EOF
+      CLI_TLS_KEY: /etc/lottery/tls/agency.key
+EOF
+    fi
+    cat <<EOF
     volumes:
       - type: bind
         source: $(q "$CONFIG_YAML")
@@ -136,6 +176,16 @@ EOF
         source: $(q "$(rel "$DATA_DIR/agency-$i.csv")")
         target: /data/agency-$i.csv
         read_only: true
+EOF
+    if [ "$TLS" = on ]; then
+      cat <<EOF
+      - type: bind
+        source: $(q "$(rel "$KEYS_DIR/agency-$i.key")")
+        target: /etc/lottery/tls/agency.key
+        read_only: true
+EOF
+    fi
+    cat <<EOF
     networks:
       - lottery
     depends_on:
@@ -161,4 +211,4 @@ EOF
 } >"$TMP"
 mv "$TMP" "$OUT"
 trap - EXIT
-echo "generate-compose: wrote $OUT (server + $AGENCIES clients)"
+echo "generate-compose: wrote $OUT (server + $AGENCIES clients, TLS $TLS)"

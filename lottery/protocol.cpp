@@ -33,6 +33,8 @@ const char* status_name(Status s) {
     case Status::betting_closed: return "betting_closed";
     case Status::sequence_gap: return "sequence_gap";
     case Status::producer_busy: return "producer_busy";
+    case Status::not_your_agency: return "not_your_agency";
+    case Status::tls_required: return "tls_required";
     case Status::storage_error: return "storage_error";
     case Status::storage_full: return "storage_full";
     case Status::shutting_down: return "shutting_down";

@@ -56,6 +56,9 @@ enum class Status : uint16_t {
   betting_closed = 25,
   sequence_gap = 26,   // a batch seq that is not the producer's next (stored seqs stay a prefix)
   producer_busy = 27,  // another connection holds this producer's stream; retry shortly
+  // TLS (docs/SECURITY.md): the agency is the handshake's, and nothing else
+  not_your_agency = 28,  // a request for another agency than the TLS key's; sent, then closed
+  tls_required = 29,     // a plaintext connection to a server with key material; sent in clear, then closed
   // server
   storage_error = 30,
   storage_full = 31,

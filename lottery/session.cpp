@@ -44,9 +44,21 @@ std::vector<std::byte> refusal_frame() {
   return frame;
 }
 
-LotteryService::LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control,
-                               control::ProducerLocks& producer_locks, ServiceOptions options)
+std::vector<std::byte> tls_required_frame() {
+  std::vector<std::byte> frame(limits::frame_header_bytes + 6 + limits::reply_reason_bytes_max);
+  size_t n = proto::encode_error_reply(frame.data(), frame.size(), proto::connection_error_type, 0,
+                                       Status::tls_required, proto::no_bet_index,
+                                       "this server requires TLS with the agency's key (--tls-key)");
+  LOTTERY_ASSERT(n > 0);
+  frame.resize(n);
+  return frame;
+}
+
+LotteryService::LotteryService(reactor::Reactor& reactor, reactor::Link& link, store::Store& store,
+                               control::Control& control, control::ProducerLocks& producer_locks,
+                               ServiceOptions options)
     : _reactor(reactor),
+      _link(link),
       _store(store),
       _control(control),
       _producer_locks(producer_locks),
@@ -99,7 +111,7 @@ void LotteryService::on_open(reactor::ConnId id) {
   if (_shutting_down) {
     reply_error(s, proto::connection_error_type, 0, Status::shutting_down, proto::no_bet_index,
                 "server is shutting down");
-    _reactor.close(id, reactor::Reactor::Flush::yes);
+    _link.close(id, reactor::Flush::yes);
     return;
   }
   if (!admit()) {
@@ -133,7 +145,7 @@ void LotteryService::refuse(Session& s) {
   _slot.connections_refused.fetch_add(1, std::memory_order_relaxed);
   note_drop(Drop::refused, s.opened_ms);
   reply_error(s, proto::connection_error_type, 0, Status::too_many_connections, proto::no_bet_index, refusal_reason);
-  _reactor.close(s.id, reactor::Reactor::Flush::yes);
+  _link.close(s.id, reactor::Flush::yes);
 }
 
 void LotteryService::on_close(reactor::ConnId id, reactor::CloseReason reason) {
@@ -165,21 +177,21 @@ void LotteryService::sweep() {
     if (s.lingering) {
       if (now >= s.linger_until_ms) {
         s.lingering = false;
-        _reactor.abort(s.id);  // a no-op when it is long gone
+        _link.abort(s.id);  // a no-op when it is long gone
       }
       continue;
     }
     if (!s.open || !s.admitted) continue;
     // Paused at the pending-reply cap: dropped if the peer does not start
     // taking its replies again within the stall timeout.
-    if (_reactor.queued_output(s.id) > _options.pending_reply_bytes_max) {
+    if (_link.queued_output(s.id) > _options.pending_reply_bytes_max) {
       if (s.stalled_since_ms == 0) {
         s.stalled_since_ms = now;
       } else if (now - s.stalled_since_ms >= _options.reply_stall_timeout_ms) {
         _counters.stalled++;
         _slot.connections_dropped.fetch_add(1, std::memory_order_relaxed);
         note_drop(Drop::replies_not_read, now);
-        _reactor.abort(s.id);  // its output is full: no room for a last word
+        _link.abort(s.id);  // its output is full: no room for a last word
         continue;
       }
     } else {
@@ -214,7 +226,7 @@ void LotteryService::expire(Session& s, Status status, Drop why, const char* rea
   _slot.connections_timed_out.fetch_add(1, std::memory_order_relaxed);
   note_drop(why, reactor::Reactor::now_ms());
   reply_error(s, proto::connection_error_type, 0, status, proto::no_bet_index, reason);
-  _reactor.close(s.id, reactor::Reactor::Flush::yes);
+  _link.close(s.id, reactor::Flush::yes);
 }
 
 void LotteryService::note_drop(Drop why, uint64_t now_ms, uint64_t count) {
@@ -246,7 +258,7 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
   while (data.size() - used >= 4) {
     // At the pending-reply cap the requests wait where they are (the reactor
     // has stopped reading too) until the peer takes its replies.
-    if (_reactor.queued_output(id) > _options.pending_reply_bytes_max) break;
+    if (_link.queued_output(id) > _options.pending_reply_bytes_max) break;
     const std::byte* p = data.data() + used;
     size_t avail = data.size() - used;
     proto::FrameHeader h;
@@ -262,7 +274,7 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
       _slot.errors.fetch_add(1, std::memory_order_relaxed);
       log::warning("frame", log::Outcome::fail, {{"agencia", s->agency}, {"code", proto::status_name(st)}, {"reason", why}});
       reply_error(*s, proto::connection_error_type, 0, st, proto::no_bet_index, why);
-      _reactor.close(id, reactor::Reactor::Flush::yes);
+      _link.close(id, reactor::Flush::yes);
       return data.size();
     }
     // Before a successful hello a connection is a stranger: it may send a
@@ -274,12 +286,12 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
       _slot.errors.fetch_add(1, std::memory_order_relaxed);
       log::warning("frame", log::Outcome::fail, {{"agencia", 0}, {"code", "not_identified"}, {"reason", why}});
       reply_error(*s, proto::connection_error_type, 0, Status::not_identified, proto::no_bet_index, why);
-      _reactor.close(id, reactor::Reactor::Flush::yes);
+      _link.close(id, reactor::Flush::yes);
       return data.size();
     }
     if (avail < h.length) break;  // the rest of the frame is still on its way
     // Back-pressure: handle a frame only when its reply surely fits.
-    if (_reactor.send_space(id) < reply_bytes_max) break;
+    if (_link.send_space(id) < reply_bytes_max) break;
     proto::Bytes body(p + limits::frame_header_bytes, h.length - limits::frame_header_bytes);
     used += h.length;
     if (s->agency == 0) s->unidentified_bytes += h.length;
@@ -289,11 +301,11 @@ size_t LotteryService::on_data(reactor::ConnId id, std::span<const std::byte> da
       _slot.errors.fetch_add(1, std::memory_order_relaxed);
       log::warning("frame", log::Outcome::fail, {{"agencia", s->agency}, {"code", "bad_checksum"}, {"seq", h.seq}});
       reply_error(*s, h.type, h.seq, Status::bad_checksum, proto::no_bet_index, "body checksum mismatch");
-      _reactor.close(id, reactor::Reactor::Flush::yes);
+      _link.close(id, reactor::Flush::yes);
       return data.size();
     }
     if (handle_frame(*s, h, body) == Outcome::close) {
-      _reactor.close(id, reactor::Reactor::Flush::yes);
+      _link.close(id, reactor::Flush::yes);
       return data.size();
     }
     s = session(id);
@@ -322,16 +334,22 @@ LotteryService::Outcome LotteryService::handle_frame(Session& s, const proto::Fr
 
 void LotteryService::reply_error(Session& s, uint8_t request_type, uint32_t seq, Status status, uint16_t bet_index,
                                  std::string_view reason) {
-  std::byte* dst = _reactor.reserve_send(s.id, reply_bytes_max);
+  std::byte* dst = _link.reserve_send(s.id, reply_bytes_max);
   if (dst == nullptr) return;  // connection gone or hopelessly behind: it will be closed
   size_t n = proto::encode_error_reply(dst, reply_bytes_max, request_type, seq, status, bet_index, reason);
-  _reactor.commit_send(s.id, n);
+  _link.commit_send(s.id, n);
 }
 
 LotteryService::Outcome LotteryService::handle_hello(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
   proto::HelloRequest req;
   if (!proto::decode_hello(body, req)) {
     reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "hello body has the wrong size");
+    return Outcome::close;
+  }
+  // Over TLS the agency was proven by the handshake's key; a hello cannot
+  // claim another.
+  if (uint32_t proven = _link.peer_identity(s.id); proven != 0 && req.agency != proven) {
+    refuse_other_agency(s, h, req.agency);
     return Outcome::close;
   }
   if (req.agency < 1 || req.agency > _options.agencies) {
@@ -378,9 +396,9 @@ LotteryService::Outcome LotteryService::handle_hello(Session& s, const proto::Fr
   ack.bets_stored = _control.bets_stored(s.agency);
   ack.worker = _options.worker_id;
   log::debug("hello", log::Outcome::success, {{"agencia", s.agency}});
-  std::byte* dst = _reactor.reserve_send(s.id, reply_bytes_max);
+  std::byte* dst = _link.reserve_send(s.id, reply_bytes_max);
   LOTTERY_ASSERT(dst != nullptr);  // on_data checked the room
-  _reactor.commit_send(s.id, proto::encode_hello_ack(dst, reply_bytes_max, h.seq, ack));
+  _link.commit_send(s.id, proto::encode_hello_ack(dst, reply_bytes_max, h.seq, ack));
   return Outcome::keep;
 }
 
@@ -398,6 +416,11 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   if (!proto::read_batch_header(body, info))
     return reject(Status::malformed_body, proto::no_bet_index, "batch body shorter than its header");
   if (s.agency == 0) return reject(Status::not_identified, proto::no_bet_index, "send hello before bets");
+  if (info.agency != s.agency && _link.peer_identity(s.id) != 0) {
+    _counters.batches_rejected++;
+    refuse_other_agency(s, h, info.agency);
+    return Outcome::close;
+  }
   if (info.agency != s.agency)
     return reject(Status::agency_mismatch, proto::no_bet_index, "batch agency is not the connection's agency");
 
@@ -510,14 +533,14 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
 }
 
 void LotteryService::acknowledge(Session& s, uint32_t seq, uint16_t count) {
-  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
+  std::byte* out = _link.reserve_send(s.id, reply_bytes_max);
   if (out == nullptr) {
     // Only a connection that stopped reading its replies gets here; it will
     // resend, and the batch is recognised as a duplicate.
-    _reactor.close(s.id, reactor::Reactor::Flush::no);
+    _link.close(s.id, reactor::Flush::no);
     return;
   }
-  _reactor.commit_send(s.id, proto::encode_batch_ack(out, reply_bytes_max, seq, count));
+  _link.commit_send(s.id, proto::encode_batch_ack(out, reply_bytes_max, seq, count));
 }
 
 void LotteryService::flush_group() {
@@ -551,16 +574,32 @@ void LotteryService::release_producer(Session& s) {
   s.producer = -1;
 }
 
-bool LotteryService::is_own_agency(Session& s, const proto::FrameHeader& h, uint16_t agency) {
+std::optional<LotteryService::Outcome> LotteryService::refuse_unless_own_agency(Session& s,
+                                                                                  const proto::FrameHeader& h,
+                                                                                  uint16_t agency) {
   if (s.agency == 0) {
     reply_error(s, h.type, h.seq, Status::not_identified, proto::no_bet_index, "send hello first");
-    return false;
+    return Outcome::keep;
   }
-  if (agency != s.agency) {
-    reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
-    return false;
+  if (agency == s.agency) return std::nullopt;
+  // Plaintext: a buggy terminal, told and kept. TLS: the key says who this
+  // is, so asking for another agency is an attempt, refused and cut off.
+  if (_link.peer_identity(s.id) != 0) {
+    refuse_other_agency(s, h, agency);
+    return Outcome::close;
   }
-  return true;
+  reply_error(s, h.type, h.seq, Status::agency_mismatch, proto::no_bet_index, "not the connection's agency");
+  return Outcome::keep;
+}
+
+void LotteryService::refuse_other_agency(Session& s, const proto::FrameHeader& h, uint16_t asked) {
+  uint32_t proven = _link.peer_identity(s.id);
+  _counters.protocol_errors++;
+  _slot.errors.fetch_add(1, std::memory_order_relaxed);
+  log::warning("agencia_ajena", log::Outcome::fail,
+               {{"agencia", proven}, {"pedida", asked}, {"type", int{h.type}}, {"code", "not_your_agency"}});
+  reply_error(s, h.type, h.seq, Status::not_your_agency, proto::no_bet_index,
+              "this connection's TLS key belongs to another agency");
 }
 
 LotteryService::Outcome LotteryService::handle_finished(Session& s, const proto::FrameHeader& h, proto::Bytes body) {
@@ -569,7 +608,7 @@ LotteryService::Outcome LotteryService::handle_finished(Session& s, const proto:
     reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "finished body has the wrong size");
     return Outcome::close;
   }
-  if (!is_own_agency(s, h, agency)) return Outcome::keep;
+  if (auto refused = refuse_unless_own_agency(s, h, agency)) return *refused;
   // The finish mark, and the draw when this was the last agency, happen under
   // the draw lock shared by every worker.
   auto result = control::finish_agency(_control, agency, _options.winning_number);
@@ -598,9 +637,9 @@ LotteryService::Outcome LotteryService::handle_finished(Session& s, const proto:
               {{"numero_ganador", _options.winning_number}, {"apuestas", result->draw.bets_scanned},
                {"ganadores", result->draw.winners}, {"worker", _options.worker_id}});
   }
-  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
+  std::byte* out = _link.reserve_send(s.id, reply_bytes_max);
   LOTTERY_ASSERT(out != nullptr);
-  _reactor.commit_send(s.id, proto::encode_finished_ack(out, reply_bytes_max, h.seq, stored));
+  _link.commit_send(s.id, proto::encode_finished_ack(out, reply_bytes_max, h.seq, stored));
   if (result->draw.ran) on_draw_maybe_done();
   return Outcome::keep;
 }
@@ -612,8 +651,10 @@ LotteryService::Outcome LotteryService::handle_winners(Session& s, const proto::
     reply_error(s, h.type, h.seq, Status::malformed_body, proto::no_bet_index, "winners body has the wrong size");
     return Outcome::close;
   }
-  // Winners are personal data: an agency reads only its own.
-  if (!is_own_agency(s, h, agency)) return Outcome::keep;
+  // Winners are personal data: an agency reads only its own. Agency 0 asks
+  // for the connection's own (over TLS: the key's), so a client need not say.
+  if (agency == 0) agency = s.agency;
+  if (auto refused = refuse_unless_own_agency(s, h, agency)) return *refused;
   if (_control.closed_out(agency)) {
     reply_error(s, h.type, h.seq, Status::betting_closed, proto::no_bet_index,
                 "the betting was closed before this agency finished; it took no part in the draw");
@@ -639,14 +680,14 @@ void LotteryService::send_winners_page(Session& s, uint32_t seq, uint32_t start)
   LOTTERY_ASSERT(_results.has_value());
   LOTTERY_ASSERT(s.agency < _results->agencies.size());
   const auto& docs = _results->agencies[s.agency].winners;
-  std::byte* out = _reactor.reserve_send(s.id, reply_bytes_max);
+  std::byte* out = _link.reserve_send(s.id, reply_bytes_max);
   if (out == nullptr) return;
   uint32_t total = static_cast<uint32_t>(docs.size());
   proto::WinnersReplyBuilder page(out, reply_bytes_max, total, start);
   for (size_t i = start; i < docs.size(); i++)
     if (!page.add(docs[i])) break;
   log::debug("consulta_ganadores", log::Outcome::success, {{"agencia", s.agency}, {"cant_ganadores", total}});
-  _reactor.commit_send(s.id, page.finish(seq));
+  _link.commit_send(s.id, page.finish(seq));
 }
 
 bool LotteryService::load_results_if_done() {
@@ -693,7 +734,7 @@ void LotteryService::begin_shutdown() {
                   proto::no_bet_index, "server is shutting down before the draw");
     }
   }
-  _reactor.close_all(reactor::CloseReason::shutdown);
+  _link.close_all(reactor::CloseReason::shutdown);
 }
 
 }  // namespace lottery

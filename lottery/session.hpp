@@ -46,6 +46,9 @@ reactor::Options reactor_options_for(const ServiceOptions& options);
 // The frame the server sends to a connection it refuses for lack of room
 // (status too_many_connections), for Reactor::set_refusal.
 std::vector<std::byte> refusal_frame();
+// The frame, in clear, for a plaintext connection to a server that requires
+// TLS (status tls_required), for tls::TlsLayer::set_plaintext_refusal.
+std::vector<std::byte> tls_required_frame();
 
 struct ServiceCounters {
   uint64_t connections = 0;
@@ -65,6 +68,14 @@ class LotteryService final : public reactor::Handler {
   // the draw); this worker's counters live in its slot there. `reactor` has
   // reactor_options_for(options).max_connections slots or fewer.
   LotteryService(reactor::Reactor& reactor, store::Store& store, control::Control& control,
+                 control::ProducerLocks& producer_locks, ServiceOptions options)
+      : LotteryService(reactor, reactor, store, control, producer_locks, std::move(options)) {}
+  // `link` carries the connections' bytes: the reactor itself (plaintext) or
+  // a TLS layer on top of it; `reactor` gives the timers. With a link that
+  // authenticates peers (peer_identity() != 0) the agency is the peer's
+  // identity and nothing else: every request for another agency is refused
+  // with not_your_agency and the connection closed.
+  LotteryService(reactor::Reactor& reactor, reactor::Link& link, store::Store& store, control::Control& control,
                  control::ProducerLocks& producer_locks, ServiceOptions options);
   ~LotteryService() override;
 
@@ -126,9 +137,12 @@ class LotteryService final : public reactor::Handler {
   Outcome handle_frame(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   Outcome handle_hello(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   Outcome handle_batch(Session& s, const proto::FrameHeader& h, proto::Bytes body);
-  // Replies not_identified or agency_mismatch (and returns false) unless the
-  // connection said hello as `agency`.
-  bool is_own_agency(Session& s, const proto::FrameHeader& h, uint16_t agency);
+  // Nothing when the connection said hello as `agency`; otherwise replies
+  // not_identified, agency_mismatch (plaintext) or not_your_agency (TLS) and
+  // says what becomes of the connection.
+  std::optional<Outcome> refuse_unless_own_agency(Session& s, const proto::FrameHeader& h, uint16_t agency);
+  // Replies not_your_agency (logged); the caller closes the connection.
+  void refuse_other_agency(Session& s, const proto::FrameHeader& h, uint16_t asked);
   Outcome handle_finished(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   Outcome handle_winners(Session& s, const proto::FrameHeader& h, proto::Bytes body);
   void reply_error(Session& s, uint8_t request_type, uint32_t seq, proto::Status status, uint16_t bet_index,
@@ -148,6 +162,7 @@ class LotteryService final : public reactor::Handler {
   };
 
   reactor::Reactor& _reactor;
+  reactor::Link& _link;
   store::Store& _store;
   control::Control& _control;
   control::ProducerLocks& _producer_locks;

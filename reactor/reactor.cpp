@@ -366,6 +366,16 @@ void Reactor::on_sent(ConnId id, size_t bytes, int err) {
     // Input held back while the output was full gets its turn now.
     deliver(id, c);
   }
+  // A handler with input of its own (decrypted bytes a TLS layer holds) gets
+  // its turn too; one virtual call per completed send, a no-op for plaintext.
+  if (_handler != nullptr && lookup(id) != nullptr) _handler->on_output_drained(id);
+}
+
+bool Reactor::peer_address(ConnId id, sockaddr_storage& out) const {
+  const Conn* c = lookup(id);
+  if (c == nullptr || c->fd < 0) return false;
+  socklen_t len = sizeof out;
+  return ::getpeername(c->fd, reinterpret_cast<sockaddr*>(&out), &len) == 0;
 }
 
 // ---------------------------------------------------------------- closing

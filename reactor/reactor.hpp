@@ -3,6 +3,8 @@
 // mean; lottery/ implements the Handler.
 #pragma once
 
+#include <sys/socket.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -15,12 +17,10 @@
 #include "common/result.hpp"
 #include "reactor/backend.hpp"
 #include "reactor/buffer_pool.hpp"
+#include "reactor/link.hpp"
 #include "reactor/limits.hpp"
 
 namespace reactor {
-
-enum class CloseReason : uint8_t { peer_closed, io_error, local, input_overflow, shutdown };
-const char* close_reason_name(CloseReason r);
 
 class Handler {
  public:
@@ -32,6 +32,10 @@ class Handler {
   virtual size_t on_data(ConnId id, std::span<const std::byte> data) = 0;
   // The connection is gone; `id` is never valid again.
   virtual void on_close(ConnId id, CloseReason reason) = 0;
+  // Everything queued for `id` has gone out. A handler that holds input of
+  // its own (a TLS layer's decrypted bytes) offers it again here; the reactor
+  // re-offers only what it holds itself.
+  virtual void on_output_drained(ConnId /*id*/) {}
 };
 
 struct Options {
@@ -51,7 +55,7 @@ struct Stats {
   uint64_t bytes_out = 0;
 };
 
-class Reactor final : private BackendEvents {
+class Reactor final : public Link, private BackendEvents {
  public:
   static common::Result<std::unique_ptr<Reactor>> create(BackendKind kind, Options options);
   ~Reactor();
@@ -68,24 +72,28 @@ class Reactor final : private BackendEvents {
 
   // Queues bytes for `id`. False when `id` is gone or its output buffer lacks
   // room; nothing is queued then.
-  bool send(ConnId id, std::span<const std::byte> bytes);
+  bool send(ConnId id, std::span<const std::byte> bytes) override;
   // Free room in `id`'s output buffer (0 when `id` is gone).
-  size_t send_space(ConnId id) const;
+  size_t send_space(ConnId id) const override;
   // Reserves `size` bytes of `id`'s output buffer to encode into in place; commit_send() queues them.
-  std::byte* reserve_send(ConnId id, size_t size);
-  void commit_send(ConnId id, size_t size);
-  bool is_open(ConnId id) const;
+  std::byte* reserve_send(ConnId id, size_t size) override;
+  void commit_send(ConnId id, size_t size) override;
+  bool is_open(ConnId id) const override;
   // Closes `id` after its queued output is sent (flush) or at once.
-  enum class Flush : uint8_t { yes, no };
-  void close(ConnId id, Flush flush, CloseReason reason = CloseReason::local);
-  void pause_reading(ConnId id);
-  void resume_reading(ConnId id);
+  using Flush = reactor::Flush;
+  void close(ConnId id, Flush flush, CloseReason reason = CloseReason::local) override;
+  void pause_reading(ConnId id) override;
+  void resume_reading(ConnId id) override;
   size_t connection_count() const { return _open_count; }
   // Bytes queued for `id` and not yet sent (0 when `id` is gone).
-  size_t queued_output(ConnId id) const;
+  size_t queued_output(ConnId id) const override;
   // Closes `id` now, open or still flushing its last output, dropping what is
   // unsent: for a peer that stopped reading. Stale ids are ignored.
-  void abort(ConnId id);
+  void abort(ConnId id) override;
+  // A plaintext socket proves nothing about its peer.
+  uint32_t peer_identity(ConnId) const override { return 0; }
+  // The peer's address (getpeername), false when `id` is gone or unknown.
+  bool peer_address(ConnId id, struct sockaddr_storage& out) const;
   // Serves an already connected socket as if it had been accepted (a
   // socketpair in tests and fuzzers). Non-blocking; the reactor owns it now.
   void adopt(int fd) { on_accept(-1, fd); }
@@ -95,8 +103,8 @@ class Reactor final : private BackendEvents {
   void set_refusal(std::span<const std::byte> bytes) { _refusal.assign(bytes.begin(), bytes.end()); }
   // Slots not yet free: open, or closing with output still draining.
   size_t slots_in_use() const { return _conns.size() - _free_slots.size(); }
-  // Runs every open connection through close(Flush::yes, shutdown).
-  void close_all(CloseReason reason);
+  // Runs every open connection through close(Flush::yes, reason).
+  void close_all(CloseReason reason) override;
 
   // Timers: one-shot, in milliseconds on the monotonic clock.
   using TimerId = uint64_t;

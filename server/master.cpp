@@ -23,6 +23,7 @@
 #include "lottery/control.hpp"
 #include "reactor/net.hpp"
 #include "reactor/reactor.hpp"
+#include "tls/keys.hpp"
 #include "server/metrics.hpp"
 #include "server/worker.hpp"
 
@@ -44,10 +45,12 @@ constexpr size_t metrics_connections_max = 64;
 
 volatile sig_atomic_t g_stop_signal = 0;
 volatile sig_atomic_t g_child_exited = 0;
+volatile sig_atomic_t g_reload_keys = 0;
 std::atomic<reactor::Reactor*> g_reactor{nullptr};
 
 void on_signal(int sig) {
   if (sig == SIGCHLD) g_child_exited = 1;
+  else if (sig == SIGHUP) g_reload_keys = 1;
   else g_stop_signal = sig;
   if (reactor::Reactor* r = g_reactor.load(std::memory_order_relaxed)) r->wake();
 }
@@ -60,6 +63,7 @@ void install_signal_handlers() {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGCHLD, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);  // reload the TLS keys: forwarded to every worker
   struct sigaction ignore {};
   ignore.sa_handler = SIG_IGN;
   sigaction(SIGPIPE, &ignore, nullptr);
@@ -401,8 +405,40 @@ int Master::run() {
       g_child_exited = 0;
       reap();
     }
+    if (g_reload_keys != 0) {
+      g_reload_keys = 0;
+      // Each worker reloads the keys file itself and logs the outcome.
+      log::info("tls_keys_reload", log::Outcome::in_progress, {{"workers", live_workers()}});
+      for (const auto& w : _workers)
+        if (w.pid > 0) ::kill(w.pid, SIGHUP);
+    }
     if (g_stop_signal != 0) begin_stop();
   });
+
+  // Key material decides between TLS and plaintext for every worker; a bad
+  // keys file stops the server here, before any worker serves in plaintext.
+  if (!_cfg.tls_keys.empty()) {
+    auto keys = tls::KeyRing::load(_cfg.tls_keys);
+    if (!keys) return fail("tls_keys", keys.error().message);
+    if (keys->empty()) return fail("tls_keys", _cfg.tls_keys + " holds no key; run lotteryctl keys init");
+    // An agency without a key can never connect, and the draw waits for it.
+    std::string missing;
+    for (uint32_t a = 1; a <= _cfg.agencies; a++)
+      if (keys->find(a) == nullptr) missing += (missing.empty() ? "" : ",") + std::to_string(a);
+    if (!missing.empty())
+      log::warning("tls_keys", log::Outcome::fail,
+                   {{"file", _cfg.tls_keys}, {"agencies_without_key", missing},
+                    {"warning", "these agencies cannot connect; the draw waits for them (lotteryctl keys rotate "
+                                "--agency N adds one)"}});
+    log::info("tls", log::Outcome::success,
+              {{"mode", "tls1.3-psk"}, {"keys", keys->size()}, {"file", _cfg.tls_keys},
+               {"plaintext", "refused"}});
+  } else {
+    log::warning("tls", log::Outcome::fail,
+                 {{"mode", "plaintext"},
+                  {"warning", "no key material (--tls-keys, LOTTERY_TLS_KEYS): every connection is unauthenticated "
+                              "and unencrypted; any client can claim any agency"}});
+  }
 
   log::info("master_start", log::Outcome::success,
             {{"pid", _pid}, {"workers", _worker_count}, {"port", _cfg.port}, {"data_dir", _cfg.data_dir}});

@@ -52,6 +52,9 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
   number("SERVER_HANDSHAKE_TIMEOUT_MS", cfg.handshake_timeout_ms);
   number("SERVER_IDLE_TIMEOUT_MS", cfg.idle_timeout_ms);
   number("SERVER_REPLY_STALL_TIMEOUT_MS", cfg.reply_stall_timeout_ms);
+  number("SERVER_TLS_FAILURE_BURST", cfg.tls_failure_burst);
+  number("SERVER_TLS_FAILURE_REFILL_MS", cfg.tls_failure_refill_ms);
+  cfg.tls_keys = from_file("LOTTERY_TLS_KEYS", cfg.tls_keys);
   } catch (const std::exception&) {
     return common::Error::make(EINVAL, "config file " + path + ": a numeric setting is not a number");
   }
@@ -139,6 +142,18 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
   app.add_flag("--repair", cfg.repair,
                "start even when a segment is damaged in the middle: the damaged bytes are skipped and logged")
       ->envname("SERVER_REPAIR");
+  app.add_option("--tls-keys", cfg.tls_keys,
+                 "keys file (lotteryctl keys init): TLS 1.3 with a pre-shared key per agency, plaintext refused; "
+                 "reloaded on SIGHUP. Unset: plaintext, every connection unauthenticated")
+      ->envname("LOTTERY_TLS_KEYS");
+  app.add_option("--tls-failure-burst", cfg.tls_failure_burst,
+                 "failed TLS handshakes one address may make in a row before its connections are closed unheard")
+      ->envname("SERVER_TLS_FAILURE_BURST")
+      ->check(CLI::Range(1, 1'000'000));
+  app.add_option("--tls-failure-refill-ms", cfg.tls_failure_refill_ms,
+                 "after the burst, one more failed handshake per this many milliseconds")
+      ->envname("SERVER_TLS_FAILURE_REFILL_MS")
+      ->check(CLI::Range(1, 86'400'000));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

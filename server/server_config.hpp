@@ -7,6 +7,7 @@
 #include "common/log.hpp"
 #include "common/result.hpp"
 #include "lottery/limits.hpp"
+#include "tls/limits.hpp"
 
 namespace server {
 
@@ -44,6 +45,11 @@ struct ServerConfig {
   uint32_t group_window_ms = 1;
   uint32_t group_batches_max = 64;
   bool repair = false;
+  // TLS (docs/SECURITY.md): the server's keys file; empty means plaintext,
+  // every connection unauthenticated (logged as a warning at start).
+  std::string tls_keys;
+  uint32_t tls_failure_burst = tls::limits::failure_burst_default;          // failed handshakes in a row, per address
+  uint32_t tls_failure_refill_ms = tls::limits::failure_refill_ms_default;  // then one more per this many ms
 };
 
 // Seconds since the epoch of a --close-at value, or an error.

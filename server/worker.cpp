@@ -23,6 +23,7 @@
 #include "lottery/store.hpp"
 #include "reactor/net.hpp"
 #include "reactor/reactor.hpp"
+#include "tls/layer.hpp"
 
 namespace server {
 
@@ -35,11 +36,17 @@ constexpr uint64_t draw_recheck_ms = 1000;
 constexpr int worker_lock_wait_ms_max = 60'000;
 
 volatile sig_atomic_t g_stop_signal = 0;
+volatile sig_atomic_t g_reload_keys = 0;
 std::atomic<reactor::Reactor*> g_reactor{nullptr};
 
 void on_stop_signal(int sig) {
   // Only set a flag and wake the loop; the loop does the work.
   g_stop_signal = sig;
+  if (reactor::Reactor* r = g_reactor.load(std::memory_order_relaxed)) r->wake();
+}
+
+void on_reload_signal(int) {
+  g_reload_keys = 1;
   if (reactor::Reactor* r = g_reactor.load(std::memory_order_relaxed)) r->wake();
 }
 
@@ -49,10 +56,14 @@ void install_signal_handlers() {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
+  // SIGHUP (forwarded by the master): reload the TLS keys file.
+  struct sigaction hup {};
+  hup.sa_handler = on_reload_signal;
+  sigemptyset(&hup.sa_mask);
+  sigaction(SIGHUP, &hup, nullptr);
   struct sigaction dfl {};
   dfl.sa_handler = SIG_DFL;
   sigaction(SIGCHLD, &dfl, nullptr);
-  sigaction(SIGHUP, &dfl, nullptr);
   struct sigaction ignore {};
   ignore.sa_handler = SIG_IGN;
   sigaction(SIGPIPE, &ignore, nullptr);
@@ -188,12 +199,53 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   if (!listener) return fail(worker_id, "listen", listener.error().message);
   if (auto st = loop.add_listener(*listener); !st) return fail(worker_id, "listen", st.error().message);
 
-  lottery::LotteryService service(loop, **store, **control, **producer_locks, service_options);
-  loop.set_handler(&service);
-  // Past the refusal slots the reactor refuses on its own, with the same frame.
+  // With key material, a TLS layer sits between the reactor and the service:
+  // the reactor moves ciphertext, the service sees the agency's plaintext.
+  std::unique_ptr<tls::TlsLayer> tls_layer;
+  if (!cfg.tls_keys.empty()) {
+    auto keys = tls::KeyRing::load(cfg.tls_keys);
+    if (!keys) return fail(worker_id, "tls_keys", keys.error().message);
+    auto layer = tls::TlsLayer::create(
+        loop, reactor_options.max_connections, std::move(*keys),
+        tls::LayerOptions{cfg.tls_failure_burst, cfg.tls_failure_refill_ms, worker_id});
+    if (!layer) return fail(worker_id, "tls_context", layer.error().message);
+    tls_layer = std::move(*layer);
+  }
+  reactor::Link& link = tls_layer ? static_cast<reactor::Link&>(*tls_layer) : static_cast<reactor::Link&>(loop);
+  lottery::LotteryService service(loop, link, **store, **control, **producer_locks, service_options);
   std::vector<std::byte> refusal = lottery::refusal_frame();
-  loop.set_refusal(refusal);
+  std::vector<std::byte> tls_required = lottery::tls_required_frame();
+  if (tls_layer) {
+    tls_layer->set_inner(&service);
+    tls_layer->set_plaintext_refusal(tls_required);
+    loop.set_handler(tls_layer.get());
+    // A TLS client could not read a frame in clear: over every slot, it is
+    // closed without one.
+  } else {
+    loop.set_handler(&service);
+    // Past the refusal slots the reactor refuses on its own, with the same frame.
+    loop.set_refusal(refusal);
+  }
   g_reactor.store(&loop);
+  auto reload_keys = [&] {
+    g_reload_keys = 0;
+    if (!tls_layer) {
+      log::warning("tls_keys", log::Outcome::fail,
+                   {{"worker", worker_id}, {"reason", "SIGHUP, but no keys file is configured (--tls-keys)"}});
+      return;
+    }
+    // A bad file keeps the keys in use: a typo must not lock every agency out.
+    auto keys = tls::KeyRing::load(cfg.tls_keys);
+    if (!keys) {
+      log::error("tls_keys", log::Outcome::fail,
+                 {{"worker", worker_id}, {"file", cfg.tls_keys}, {"error", keys.error().message},
+                  {"kept", tls_layer->key_count()}});
+      return;
+    }
+    size_t count = keys->size();
+    tls_layer->replace_keys(std::move(*keys));
+    log::info("tls_keys", log::Outcome::success, {{"worker", worker_id}, {"file", cfg.tls_keys}, {"keys", count}});
+  };
 
   // The draw may complete in another process (another worker, the master on
   // --close-at, lotteryctl close). Its last step renames the results file
@@ -241,6 +293,7 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
     loop.add_timer(10, check_drained);
   };
   loop.set_wake_callback([&] {
+    if (g_reload_keys != 0) reload_keys();
     if (g_stop_signal == 0 || shutting_down) return;
     shutting_down = true;
     log::info("shutdown", log::Outcome::in_progress, {{"worker", worker_id}, {"signal", strsignal(g_stop_signal)}});
@@ -250,7 +303,7 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
     shutdown_deadline = reactor::Reactor::now_ms() + static_cast<uint64_t>(cfg.shutdown_grace_ms);
     check_drained();
   });
-  if (g_stop_signal != 0) loop.wake();  // a signal that came before the loop existed
+  if (g_stop_signal != 0 || g_reload_keys != 0) loop.wake();  // a signal that came before the loop existed
 
   // One write(2) per loop iteration for all of its log lines, made before
   // the iteration's replies go out (the reactor flushes replies after this hook).

@@ -12,9 +12,12 @@ mkdir -p "$RUN/.data" "$RUN/logs"
 echo "== generating data for $AGENCIES agencies"
 "$BIN_DIR/lottery-datagen" --agencies "$AGENCIES" --bets 20000 --seed 2026 --out-dir "$RUN/.data"
 
-echo "== starting the server"
+echo "== TLS keys: one per agency (lotteryctl keys init)"
+"$BIN_DIR/lotteryctl" keys init --agencies "$AGENCIES" --dir "$RUN/keys"
+
+echo "== starting the server (TLS 1.3, a pre-shared key per agency; plaintext refused)"
 "$BIN_DIR/lottery-server" --ip 127.0.0.1 --port 0 --data-dir "$RUN/data" --agencies "$AGENCIES" \
-  >"$RUN/logs/server.log" 2>&1 &
+  --tls-keys "$RUN/keys/server.keys" >"$RUN/logs/server.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 PORT=""
@@ -26,10 +29,11 @@ done
 [ -n "$PORT" ] || { cat "$RUN/logs/server.log"; echo "server did not start"; exit 1; }
 echo "   listening on 127.0.0.1:$PORT"
 
-echo "== running $AGENCIES agency clients"
+echo "== running $AGENCIES agency clients, each with its own key"
 PIDS=()
 for i in $(seq 1 "$AGENCIES"); do
   CLI_ID=$i CLI_SERVER_ADDRESS=127.0.0.1:$PORT CLI_DATA_FILE="$RUN/.data/agency-$i.csv" \
+    CLI_TLS_KEY="$RUN/keys/agency-$i.key" \
     "$BIN_DIR/lottery-client" >"$RUN/logs/client$i.log" 2>&1 &
   PIDS+=($!)
 done
@@ -48,6 +52,9 @@ for i in $(seq 1 "$AGENCIES"); do
   [ "${won:-x}" = "$want" ] || STATUS=1
 done
 grep -h "action: sorteo" "$RUN/logs/server.log" || STATUS=1
+handshakes_failed=$(grep -c "action: tls_handshake | result: fail" "$RUN/logs/server.log" || true)
+echo "   every connection over TLS; failed handshakes: $handshakes_failed"
+[ "$handshakes_failed" = 0 ] || STATUS=1
 
 echo "== lotteryctl status (while the server still runs)"
 "$BIN_DIR/lotteryctl" --data-dir "$RUN/data" status || STATUS=1

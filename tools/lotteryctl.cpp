@@ -7,6 +7,8 @@
 //   verify            check every entry of every segment
 //   export --format csv   every stored bet, once
 //   dump SEGMENT      one segment, entry by entry
+//   keys init --agencies N --dir DIR     TLS keys: server.keys and agency-N.key
+//   keys rotate --agency N --dir DIR     a fresh key for one agency (then SIGHUP the server)
 #include <fcntl.h>
 #include <sys/file.h>
 #include <time.h>
@@ -28,6 +30,7 @@
 #include "lottery/protocol.hpp"
 #include "lottery/results.hpp"
 #include "lottery/store.hpp"
+#include "tls/keys.hpp"
 
 namespace {
 
@@ -297,7 +300,40 @@ int main(int argc, char** argv) {
   auto* dump = app.add_subcommand("dump", "one segment file, entry by entry");
   dump->add_option("segment", segment_path, "path of the segment file")->required();
   dump->add_flag("--bets", with_bets, "print every bet");
+  auto* keys = app.add_subcommand("keys", "TLS pre-shared keys, one per agency (docs/SECURITY.md)");
+  keys->require_subcommand(1);
+  uint32_t key_agencies = 5;
+  uint32_t key_agency = 0;
+  std::string key_dir = "./keys";
+  bool key_force = false;
+  auto* keys_init = keys->add_subcommand("init", "new keys: DIR/server.keys for the server, DIR/agency-N.key for each agency");
+  keys_init->add_option("--agencies", key_agencies, "agencies 1..N")->envname("SERVER_AGENCIES");
+  keys_init->add_option("--dir", key_dir, "where to write the key files (created, mode 0700)");
+  keys_init->add_flag("--force", key_force, "replace an existing server.keys (every agency gets a new key)");
+  auto* keys_rotate = keys->add_subcommand("rotate", "a new key for one agency, in its file and in server.keys");
+  keys_rotate->add_option("--agency", key_agency, "the agency")->required();
+  keys_rotate->add_option("--dir", key_dir, "the key directory");
   CLI11_PARSE(app, argc, argv);
+  if (*keys_init) {
+    if (auto st = tls::init_key_dir(key_dir, key_agencies, key_force); !st) {
+      std::fprintf(stderr, "lotteryctl keys init: %s\n", st.error().message.c_str());
+      return 1;
+    }
+    std::printf("wrote %s/%s (%u agencies) and %s/agency-1.key .. agency-%u.key (mode 0600)\n", key_dir.c_str(),
+                tls::server_keys_file_name, key_agencies, key_dir.c_str(), key_agencies);
+    return 0;
+  }
+  if (*keys_rotate) {
+    if (auto st = tls::rotate_key(key_dir, key_agency); !st) {
+      std::fprintf(stderr, "lotteryctl keys rotate: %s\n", st.error().message.c_str());
+      return 1;
+    }
+    std::printf("agency %u has a new key in %s/%s and %s/%s; send SIGHUP to the server (kill -HUP <master pid>) "
+                "to use it: the old key then stops working for new connections\n",
+                key_agency, key_dir.c_str(), tls::agency_key_file_name(key_agency).c_str(), key_dir.c_str(),
+                tls::server_keys_file_name);
+    return 0;
+  }
   if (*verify) return cmd_verify(data_dir);
   if (*exporter) return cmd_export(data_dir, format);
   if (*dump) return cmd_dump(segment_path, with_bets);

@@ -15,7 +15,7 @@ STATUS = {
     14: "invalid_number", 15: "too_many_bets", 20: "not_identified", 21: "agency_mismatch",
     22: "agency_finished", 23: "draw_done", 24: "not_ready", 25: "betting_closed", 30: "storage_error",
     31: "storage_full", 32: "shutting_down", 33: "too_many_connections", 26: "sequence_gap", 27: "producer_busy",
-    34: "handshake_timeout", 35: "idle_timeout",
+    34: "handshake_timeout", 35: "idle_timeout", 28: "not_your_agency", 29: "tls_required",
 }
 
 

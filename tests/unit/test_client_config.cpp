@@ -27,6 +27,7 @@ const char* const client_env_vars[] = {"CLI_SERVER_ADDRESS",
                                        "CLI_ID",
                                        "CLI_DATA_FILE",
                                        "CLI_PRODUCER_ID",
+                                       "CLI_TLS_KEY",
                                        "NOMBRE",
                                        "APELLIDO",
                                        "DOCUMENTO",
@@ -115,6 +116,17 @@ TEST_F(ClientConfigTest, DefaultsWhenNothingIsGiven) {
   EXPECT_EQ(c.data_file, ".data/agency-4.csv");
   EXPECT_FALSE(c.producer_id.has_value());  // derived from the input
   EXPECT_FALSE(c.single_bet.has_value());
+}
+
+TEST_F(ClientConfigTest, TlsKeyIsLayeredFlagOverEnvOverFile) {
+  std::string path = write_yaml("tls:\n  key: \"/from/file.key\"\n");
+  EXPECT_EQ(resolve_ok(parse({"--config", path, "--id", "1"})).tls_key, "/from/file.key");
+  ::setenv("CLI_TLS_KEY", "/from/env.key", 1);
+  EXPECT_EQ(resolve_ok(parse({"--config", path, "--id", "1"})).tls_key, "/from/env.key");
+  EXPECT_EQ(resolve_ok(parse({"--config", path, "--id", "1", "--tls-key", "/from/flag.key"})).tls_key,
+            "/from/flag.key");
+  ::unsetenv("CLI_TLS_KEY");
+  EXPECT_EQ(resolve_ok(parse({"--id", "1"})).tls_key, "");  // plaintext unless given
 }
 
 TEST_F(ClientConfigTest, ProducerIdFromEnvOrFlag) {

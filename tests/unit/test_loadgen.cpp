@@ -172,6 +172,10 @@ TEST(LoadgenOptions, RefusesNonsense) {
   EXPECT_FALSE(ok);
   parse({"--duration", "0", "--bets", "1000"}, code, ok);
   EXPECT_TRUE(ok);
+  parse({"--tls-keys", "keys", "--target", "redis"}, code, ok);  // TLS speaks the lottery protocol only
+  EXPECT_FALSE(ok);
+  parse({"--tls-keys", "keys"}, code, ok);
+  EXPECT_TRUE(ok);
 }
 
 TEST(LoadgenBets, GeneratedBetsAreValidAndDeterministic) {
