@@ -17,7 +17,7 @@
 #             <data>/agency-N.csv  -> /data/agency-N.csv        (read-only)
 #             <keys>/agency-N.key  -> /etc/lottery/tls/agency.key (read-only; its own key only)
 # The server is told N through SERVER_AGENCIES and its keys through
-# LOTTERY_TLS_KEYS; each client gets CLI_ID=N and CLI_TLS_KEY.
+# SERVER_TLS_KEYS; each client gets CLI_ID=N and CLI_TLS_KEY.
 #
 # Environment (all optional):
 #   LOTTERY_DATA_DIR     agency files' directory   (default: <repo>/.data)
@@ -109,7 +109,7 @@ services:
 EOF
   if [ "$TLS" = on ]; then
     cat <<EOF
-      LOTTERY_TLS_KEYS: /etc/lottery/tls/server.keys
+      SERVER_TLS_KEYS: /etc/lottery/tls/server.keys
 EOF
   fi
   cat <<EOF

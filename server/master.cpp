@@ -436,7 +436,7 @@ int Master::run() {
   } else {
     log::warning("tls", log::Outcome::fail,
                  {{"mode", "plaintext"},
-                  {"warning", "no key material (--tls-keys, LOTTERY_TLS_KEYS): every connection is unauthenticated "
+                  {"warning", "no key material (--tls-keys, SERVER_TLS_KEYS): every connection is unauthenticated "
                               "and unencrypted; any client can claim any agency"}});
   }
 

@@ -54,7 +54,7 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
   number("SERVER_REPLY_STALL_TIMEOUT_MS", cfg.reply_stall_timeout_ms);
   number("SERVER_TLS_FAILURE_BURST", cfg.tls_failure_burst);
   number("SERVER_TLS_FAILURE_REFILL_MS", cfg.tls_failure_refill_ms);
-  cfg.tls_keys = from_file("LOTTERY_TLS_KEYS", cfg.tls_keys);
+  cfg.tls_keys = from_file("SERVER_TLS_KEYS", cfg.tls_keys);
   } catch (const std::exception&) {
     return common::Error::make(EINVAL, "config file " + path + ": a numeric setting is not a number");
   }
@@ -145,7 +145,7 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
   app.add_option("--tls-keys", cfg.tls_keys,
                  "keys file (lotteryctl keys init): TLS 1.3 with a pre-shared key per agency, plaintext refused; "
                  "reloaded on SIGHUP. Unset: plaintext, every connection unauthenticated")
-      ->envname("LOTTERY_TLS_KEYS");
+      ->envname("SERVER_TLS_KEYS");
   app.add_option("--tls-failure-burst", cfg.tls_failure_burst,
                  "failed TLS handshakes one address may make in a row before its connections are closed unheard")
       ->envname("SERVER_TLS_FAILURE_BURST")
