@@ -198,6 +198,13 @@ fi
 pass "make docker-compose-up"
 check "the compose file has no top-level name: or version:" \
   bash -c "! grep -qE '^(name|version):' '$COMPOSE_YAML_PATH'"
+# Agency identity (docs/SECURITY.md): the server gets the keys file, each
+# client its own agency's key and no other.
+check "the server is given the TLS keys file" grep -q 'SERVER_TLS_KEYS: /etc/lottery/tls/server.keys' "$COMPOSE_YAML_PATH"
+for i in $(seq 1 "$AGENCIES"); do
+  mounted=$(docker inspect --format '{{range .Mounts}}{{.Source}} {{end}}' "client$i" 2>/dev/null | tr ' ' '\n' | grep -E '\.key$|\.keys$' | xargs -r -n1 basename | tr '\n' ' ')
+  check "client$i holds only its own key (mounted: ${mounted:-none})" test "$mounted" = "agency-$i.key "
+done
 for i in $(seq 1 "$AGENCIES"); do
   want=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['agencies'][sys.argv[2]]['winners'])" \
     "$DATA/expected.json" "$i" 2>/dev/null)
@@ -235,6 +242,8 @@ check "the server logged one sorteo line (got $sorteo)" test "$sorteo" = 1
 grep -h 'action: sorteo' <<<"$server_log" | sed 's/^/        /'
 grep -h 'action: io_backend' <<<"$server_log" | sed 's/^/        /'
 check "the server reports its I/O backend" grep -q 'action: io_backend | result: success' <<<"$server_log"
+check "the server runs TLS 1.3 with a key per agency" grep -q 'action: tls | result: success | mode: tls1.3-psk' <<<"$server_log"
+check "no connection was unauthenticated" bash -c "! grep -q 'unauthenticated' <<<\"\$1\"" _ "$server_log"
 
 # ------------------------------------------------------------------ down
 say "make docker-compose-down"
