@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lottery/control.hpp"
+#include "lottery/durable_acks.hpp"
 #include "lottery/protocol.hpp"
 #include "lottery/results.hpp"
 #include "lottery/store.hpp"
@@ -138,22 +139,14 @@ class LotteryService final : public reactor::Handler {
   void answer_waiting();
   void release_producer(Session& s);
   void acknowledge(Session& s, uint32_t seq, uint16_t count);
-  // Group commit: syncs the store once and sends every acknowledgement that waited for it.
-  void flush_group();
-
-  struct PendingAck {
-    reactor::ConnId id;
-    uint32_t seq;
-    uint16_t count;
-  };
+  // DurableAcks::Release: a held acknowledgement whose sync completed (or failed).
+  static void release_ack(void* self, const PendingAck& ack, bool synced);
 
   reactor::Reactor& _reactor;
   store::Store& _store;
   control::Control& _control;
   control::ProducerLocks& _producer_locks;
   control::WorkerSlot& _slot;
-  std::vector<PendingAck> _pending_acks;  // reserved at start: group_batches_max
-  reactor::Reactor::TimerId _group_timer = 0;
   ServiceOptions _options;
   std::vector<Session> _sessions;  // by reactor slot
   size_t _admitted = 0;            // sessions counted against the caps
@@ -165,6 +158,8 @@ class LotteryService final : public reactor::Handler {
   ServiceCounters _counters;
   proto::Date _today;
   uint64_t _today_checked_ms = 0;
+  // Acknowledgements waiting for a sync (durability group/always).
+  DurableAcks _acks;
 };
 
 }  // namespace lottery

@@ -21,6 +21,8 @@ inline constexpr size_t output_high_water_bytes = output_buffer_bytes / 2;
 inline constexpr size_t connections_default = 4096;
 inline constexpr size_t events_per_wait_max = 256;
 inline constexpr size_t timers_max = 1024;
+// Before-sleep hooks: a handler's and a process's few, added at set-up.
+inline constexpr size_t before_sleep_hooks_max = 8;
 
 // io_uring backend. Receive buffers live in one provided-buffer ring shared by
 // every connection; the kernel picks one per completion. 16 KiB holds a

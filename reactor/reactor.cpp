@@ -51,6 +51,7 @@ Reactor::Reactor(std::unique_ptr<Backend> backend, Options options)
   for (size_t i = options.max_connections; i-- > 0;) _free_slots.push_back(static_cast<uint32_t>(i));
   _dirty.reserve(options.max_connections);
   _timer_heap.reserve(limits::timers_max);
+  _before_sleep.reserve(limits::before_sleep_hooks_max);
 }
 
 Reactor::~Reactor() {
@@ -491,6 +492,11 @@ common::Status Reactor::watch_fd(int fd, std::function<void()> callback) {
   return common::ok_status();
 }
 
+void Reactor::add_before_sleep(std::function<void()> callback) {
+  LOTTERY_ASSERT(_before_sleep.size() < limits::before_sleep_hooks_max);
+  _before_sleep.push_back(std::move(callback));
+}
+
 void Reactor::wake() {
   uint64_t one = 1;
   // write(2) is async-signal-safe; a full counter already means "wake".
@@ -518,7 +524,7 @@ void Reactor::run() {
     // Completions first, then timers, then one flush of all replies.
     _backend->poll(_dirty.empty() ? next_timeout_ms() : 0, *this);
     run_timers();
-    if (_before_sleep) _before_sleep();
+    for (auto& hook : _before_sleep) hook();
     flush_dirty();
   }
   flush_dirty();

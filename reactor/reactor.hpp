@@ -108,8 +108,10 @@ class Reactor final : private BackendEvents {
   // Async-signal-safe: wakes run() from a signal handler or another thread.
   void wake();
   void set_wake_callback(std::function<void()> callback) { _on_wake = std::move(callback); }
-  // Runs after every batch of completions, before the loop sleeps.
-  void set_before_sleep(std::function<void()> callback) { _before_sleep = std::move(callback); }
+  // Runs after every batch of completions and timers, before the iteration's
+  // replies are flushed and the loop sleeps; hooks run in the order they were
+  // added (a handler's, then the process's log flush, say). Set-up only.
+  void add_before_sleep(std::function<void()> callback);
 
   void run();
   void stop() { _stopping = true; }
@@ -181,7 +183,7 @@ class Reactor final : private BackendEvents {
   int _wake_fd = -1;
   std::function<void()> _on_wake;
   std::vector<std::pair<int, std::function<void()>>> _watches;
-  std::function<void()> _before_sleep;
+  std::vector<std::function<void()>> _before_sleep;
   bool _stopping = false;
   Stats _stats;
 };

@@ -255,7 +255,9 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   // One write(2) per loop iteration for all of its log lines, made before
   // the iteration's replies go out (the reactor flushes replies after this hook).
   log::set_deferred(true);
-  loop.set_before_sleep([] { log::flush(); });
+  // Added after the service's own hook (held acknowledgements released by a
+  // sync), so those lines are out before their replies too.
+  loop.add_before_sleep([] { log::flush(); });
   loop.run();
   log::set_deferred(false);
   g_reactor.store(nullptr);
