@@ -32,7 +32,6 @@ DurableAcks::DurableAcks(reactor::Reactor& reactor, store::Store& store, std::at
   }
   _reactor.add_before_sleep([this] { before_sleep(); });
   if (_options.durability != store::Durability::group) return;
-  if (true) return;  // the sync thread is enabled in the next commit; until then group syncs on the loop
 
   _event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (_event_fd < 0) {
@@ -237,7 +236,7 @@ void DurableAcks::thread_main() {
 }
 
 void DurableAcks::arm_window_timer() {
-  if (_window_timer != 0) return;
+  if (_window_timer != 0 || _options.group_window_ms == 0) return;
   _window_timer = _reactor.add_timer(_options.group_window_ms, [this] {
     // Only wakes the loop: before_sleep starts the group if the thread is free.
     _window_timer = 0;

@@ -45,7 +45,7 @@ class DurableAcks {
   using Release = void (*)(void* context, const PendingAck& ack, bool synced);
   struct Options {
     store::Durability durability = store::Durability::none;
-    uint32_t group_window_ms = 1;
+    uint32_t group_window_ms = 0;
     uint32_t group_batches_max = 64;
   };
 

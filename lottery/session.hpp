@@ -24,7 +24,7 @@ struct ServiceOptions {
   uint16_t worker_id = 0;
   store::Durability durability = store::Durability::none;
   // Group commit: one sync per window or per this many batches, whichever first.
-  uint32_t group_window_ms = 1;
+  uint32_t group_window_ms = 0;
   uint32_t group_batches_max = 64;
   // Hostile input (docs/SECURITY.md): defaults in lottery/limits.hpp, each
   // settable by a server flag.
