@@ -31,6 +31,8 @@ namespace log = common::log;
 namespace {
 
 constexpr uint64_t draw_recheck_ms = 1000;
+// While shutting down: how often to look whether every connection drained.
+constexpr uint64_t drain_check_ms = 10;
 // Longer than a worker's shutdown grace period plus its final sync.
 constexpr int worker_lock_wait_ms_max = 60'000;
 
@@ -218,12 +220,17 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
 
   // Belt and braces for file systems where inotify says nothing (some network
   // and overlay mounts): while queries wait, look at the draw state each second.
-  std::function<void()> recheck;
-  recheck = [&] {
-    if (service.waiting_queries() > 0) service.on_draw_maybe_done();
-    loop.add_timer(draw_recheck_ms, recheck);
+  // (A timer callback is stored in place, so the re-arming callable is a
+  // small struct of pointers rather than a std::function naming itself.)
+  struct Recheck {
+    reactor::Reactor* loop;
+    lottery::LotteryService* service;
+    void operator()() const {
+      if (service->waiting_queries() > 0) service->on_draw_maybe_done();
+      loop->add_timer(draw_recheck_ms, *this);
+    }
   };
-  loop.add_timer(draw_recheck_ms, recheck);
+  loop.add_timer(draw_recheck_ms, Recheck{&loop, &service});
 
   slot.writing.store(0);
   slot.pid.store(static_cast<uint64_t>(::getpid()));
@@ -232,14 +239,18 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
 
   bool shutting_down = false;
   uint64_t shutdown_deadline = 0;
-  std::function<void()> check_drained;
-  check_drained = [&] {
-    if (loop.slots_in_use() == 0 || reactor::Reactor::now_ms() >= shutdown_deadline) {
-      loop.stop();
-      return;
+  struct CheckDrained {
+    reactor::Reactor* loop;
+    const uint64_t* deadline_ms;
+    void operator()() const {
+      if (loop->slots_in_use() == 0 || reactor::Reactor::now_ms() >= *deadline_ms) {
+        loop->stop();
+        return;
+      }
+      loop->add_timer(drain_check_ms, *this);
     }
-    loop.add_timer(10, check_drained);
   };
+  CheckDrained check_drained{&loop, &shutdown_deadline};
   loop.set_wake_callback([&] {
     if (g_stop_signal == 0 || shutting_down) return;
     shutting_down = true;
