@@ -331,13 +331,20 @@ void Reactor::on_sent(ConnId id, size_t bytes, int err) {
   c.out_head += bytes;
   LOTTERY_ASSERT(c.out_head <= c.out_sending);
   if (c.out_head < c.out_tail) {
-    start_send(id, c);  // the rest of this range, and whatever came since
+    // The rest of this range, and whatever came since, leave with the
+    // iteration's flush, after the before-sleep hooks: replies queued by
+    // completions reaped in this same poll must not overtake what those hooks
+    // write first (the log lines that report them, a sync).
+    if (!c.dirty) {
+      c.dirty = true;
+      _dirty.push_back(id);
+    }
   } else {
     c.out_head = c.out_sending = c.out_tail = 0;
     release_output_if_empty(c);
   }
   if (c.state == State::closing) {
-    if (!c.send_in_flight) finish_close(id, c);
+    if (!c.dirty) finish_close(id, c);  // else flush_dirty sends the rest, then closes
     return;
   }
   if (c.state != State::open) return;
