@@ -2,8 +2,11 @@
 
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -13,6 +16,14 @@
 namespace lottery {
 
 namespace log = common::log;
+
+namespace {
+uint64_t now_us() {
+  struct timespec ts {};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000u + static_cast<uint64_t>(ts.tv_nsec) / 1000u;
+}
+}  // namespace
 
 DurableAcks::DurableAcks(reactor::Reactor& reactor, store::Store& store, std::atomic<uint64_t>& sync_counter,
                          Options options, Release on_release, void* context)
@@ -44,6 +55,13 @@ DurableAcks::DurableAcks(reactor::Reactor& reactor, store::Store& store, std::at
                  {{"error", st.error().message}, {"fallback", "sync on the event loop"}});
     return;
   }
+  // The gather timer has microsecond precision (the reactor's timers have
+  // milliseconds). Without it, groups are not gathered.
+  _gather_fd = ::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (_gather_fd >= 0 && !_reactor.watch_fd(_gather_fd, [this] { on_gather_timer(); })) {
+    ::close(_gather_fd);
+    _gather_fd = -1;
+  }
   // Signals stay with the loop's thread (their handlers wake the loop).
   sigset_t all, old;
   sigfillset(&all);
@@ -74,6 +92,7 @@ DurableAcks::~DurableAcks() {
     _thread.join();
   }
   if (_event_fd >= 0) ::close(_event_fd);
+  if (_gather_fd >= 0) ::close(_gather_fd);
 }
 
 void DurableAcks::push(const PendingAck& ack) {
@@ -127,6 +146,13 @@ void DurableAcks::before_sleep() {
     return;
   }
   if (_job_active || open_count() == 0) return;
+  if (open_count() < _options.group_batches_max && _gather_fd >= 0) {
+    uint64_t now = now_us();
+    if (now < _gather_until_us) {
+      arm_gather_timer(_gather_until_us - now);
+      return;
+    }
+  }
   bool window_over = reactor::Reactor::now_ms() - _open_since_ms >= _options.group_window_ms;
   if (!_due && !window_over) return;  // the window timer will wake the loop
   if (_threaded) {
@@ -165,6 +191,7 @@ void DurableAcks::start_job() {
     return;
   }
   _in_flight = _count;
+  _job_started_us = now_us();
   {
     std::lock_guard lock(_mutex);
     _job_ready = true;
@@ -196,6 +223,22 @@ void DurableAcks::on_sync_done() {
   if (open_count() > 0) _due = true;
 }
 
+void DurableAcks::on_gather_timer() {
+  uint64_t n;
+  while (::read(_gather_fd, &n, sizeof n) > 0) {
+  }
+  _gather_armed = false;  // before_sleep decides
+}
+
+void DurableAcks::arm_gather_timer(uint64_t delay_us) {
+  if (_gather_armed) return;
+  struct itimerspec its {};
+  its.it_value.tv_sec = static_cast<time_t>(delay_us / 1'000'000u);
+  its.it_value.tv_nsec = static_cast<long>((delay_us % 1'000'000u) * 1000u);
+  if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
+  if (::timerfd_settime(_gather_fd, 0, &its, nullptr) == 0) _gather_armed = true;
+}
+
 void DurableAcks::complete_job() {
   common::Status st = common::ok_status();
   {
@@ -207,6 +250,17 @@ void DurableAcks::complete_job() {
   }
   _job_active = false;
   _store.end_sync(_job, st);
+  // The clients whose acknowledgements go out now answer with their next
+  // batches about one round trip later. Starting the next sync before they
+  // arrive would split their window into two groups that alternate, each
+  // half of it; so the next group gathers for a while, a fraction of what
+  // this sync took (the longer the sync, the more a bigger group pays) and
+  // at most group_gather_us_max.
+  if (_in_flight > 0) {
+    uint64_t now = now_us();
+    uint64_t took = now - _job_started_us;
+    _gather_until_us = now + std::min<uint64_t>(took / 2, limits::group_gather_us_max);
+  }
   if (st) {
     _sync_counter.fetch_add(1, std::memory_order_relaxed);
   } else {

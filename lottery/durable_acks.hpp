@@ -9,8 +9,10 @@
 // `group`: the sync runs on a thread of its own, so the loop keeps reading,
 // validating and appending while the previous group is being synced. A group
 // is handed to the thread when the thread is free and either the previous
-// sync just completed (the disk was busy: those batches waited already), or
-// its first batch waited the window, or it holds group_batches_max batches.
+// sync completed (the disk was busy: those batches waited already) and the
+// group then gathered the clients' answers to its acknowledgements for a
+// fraction of that sync's duration, or its first batch waited the window, or
+// it holds group_batches_max batches.
 // A group that fills up while the previous one is still syncing waits for
 // it, on the loop: the disk sets the pace. The thread reports through an
 // eventfd the reactor watches, so acknowledgements leave from the loop only.
@@ -80,6 +82,8 @@ class DurableAcks {
   size_t open_count() const { return _count - _in_flight; }
   void arm_window_timer();
   void cancel_window_timer();
+  void on_gather_timer();
+  void arm_gather_timer(uint64_t delay_us);
 
   reactor::Reactor& _reactor;
   store::Store& _store;
@@ -98,6 +102,12 @@ class DurableAcks {
   uint64_t _open_since_ms = 0;  // when the open group's first batch was held
   bool _due = false;            // start the open group as soon as the thread is free
   reactor::Reactor::TimerId _window_timer = 0;
+  // After a sync's acknowledgements are released, the next group gathers
+  // the clients' answers until this time (a timerfd: microseconds).
+  uint64_t _job_started_us = 0;
+  uint64_t _gather_until_us = 0;
+  int _gather_fd = -1;
+  bool _gather_armed = false;
 
   // The sync thread. _job is the loop's between begin_sync and the hand-over
   // and after _job_done; the thread's in between. The mutex orders the two.
