@@ -55,7 +55,7 @@ def check_store_and_winners(data_dir, data, agencies, expected, logs):
         assert won and int(won[-1][3]["cant_ganadores"]) == expected["agencies"][str(a)]["winners"], a
 
 
-def test_crash_loop_workers_and_whole_server(workdir):
+def test_crash_loop_workers_and_whole_server(workdir, request):
     agencies = 4
     data = os.path.join(workdir, "gen")
     expected = datagen(data, "--agencies", str(agencies), "--bets", "250000", "--winners-list", "3,1,0,2",
@@ -64,14 +64,35 @@ def test_crash_loop_workers_and_whole_server(workdir):
     port = free_port()
     args = ["--agencies", str(agencies), "--workers", "2", "--shutdown-grace-ms", "500"]
 
-    def start():
-        return Server(workdir, data_dir, args, port=port)
+    live = {}
 
+    def start():
+        live["server"] = Server(workdir, data_dir, args, port=port)
+        return live["server"]
+
+    def cleanup():
+        # A failure in the middle of the loop must not leave a server (or
+        # clients) running after the test.
+        procs = list(live.get("clients", {}).values())
+        if "server" in live:
+            procs += [live["server"].proc]
+        for proc in procs:
+            if proc.poll() is None:
+                for child in children(proc.pid):
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.kill()
+                proc.wait()
+
+    request.addfinalizer(cleanup)
     server = start()
     assert server.port == port
     clients = {a: run_client(a, f"127.0.0.1:{port}", os.path.join(data, f"agency-{a}.csv"), workdir,
                              env={**CLIENT_ENV, "CLI_BATCH_MAXAMOUNT": "4"}, wait=False)
                for a in range(1, agencies + 1)}
+    live["clients"] = clients
     rng = random.Random(2026)
     kills = whole = 0
     deadline = time.time() + 240
