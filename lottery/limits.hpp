@@ -72,6 +72,18 @@ inline constexpr uint32_t session_sweep_interval_ms = 250;
 // count, so a flood cannot turn into a flood of log lines.
 inline constexpr uint32_t connection_log_interval_ms = 10'000;
 
+// --- durability (docs/STORAGE.md) ---
+// --durability always: acknowledgements held for the loop iteration's one
+// sync. An iteration that commits more batches than this syncs early and
+// goes on (at 4 KiB and up per batch, that is 4 MiB and more per sync).
+inline constexpr size_t always_acks_per_sync_max = 1024;
+// --group-batches: the most batches in one group commit.
+inline constexpr uint32_t group_batches_max = 4096;
+// Group commit: after a sync's acknowledgements go out, the next group waits
+// up to half that sync's duration, and at most this long, for the clients'
+// next batches (about one round trip), so one sync covers their whole window.
+inline constexpr uint64_t group_gather_us_max = 500;
+
 static_assert(frame_bytes_max <= UINT32_MAX);
 static_assert(frame_bytes_min <= client_batch_bytes_default && frame_bytes_min <= frame_bytes_max);
 static_assert(hello_frame_bytes <= unidentified_bytes_default, "a hello must fit in the pre-hello budget");

@@ -1,5 +1,9 @@
 #include "lottery/protocol.hpp"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <ctime>
 
 #include "common/assert.hpp"
@@ -125,7 +129,80 @@ bool parse_date(std::string_view t, Date& out) {
 
 // ---------------------------------------------------------------- validation
 
+namespace {
+
+#if defined(__SSE2__)
+// True when the name is surely valid: printable ASCII other than ',', and
+// two-byte UTF-8 sequences of U+00A0..U+07FF (the accented letters of
+// Spanish names), checked 16 bytes at a time with masks instead of a branch
+// per byte. Anything else (three- and four-byte sequences, and every invalid
+// byte) returns false, and the byte rules decide, with their reason.
+//
+// A chunk is loaded whole when its 16 bytes cannot cross into another page,
+// even if they run past the name (those bytes are masked off and a read
+// within a mapped page cannot fault); ASan would see that read as an
+// overflow, so it is not instrumented.
+__attribute__((no_sanitize_address)) bool name_surely_valid(const unsigned char* s, size_t n) {
+  constexpr size_t chunk_bytes = 16;
+  constexpr uintptr_t page_bytes = 4096;
+  const __m128i space = _mm_set1_epi8(0x20);
+  const __m128i del = _mm_set1_epi8(0x7F);
+  const __m128i comma = _mm_set1_epi8(',');
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  uint32_t lead_carry = 0;  // the previous chunk ended with a lead byte
+  uint32_t c2_carry = 0;    // ... with 0xC2
+  for (size_t i = 0; i < n; i += chunk_bytes) {
+    size_t rest = n - i;
+    __m128i v;
+    if (rest >= chunk_bytes || (reinterpret_cast<uintptr_t>(s + i) % page_bytes) <= page_bytes - chunk_bytes) {
+      v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    } else {
+      alignas(16) unsigned char tail[chunk_bytes] = {};
+      std::memcpy(tail, s + i, rest);
+      v = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    uint32_t in = rest >= chunk_bytes ? 0xFFFFu : (1u << rest) - 1;
+    auto mask = [](__m128i m) { return static_cast<uint32_t>(_mm_movemask_epi8(m)); };
+    uint32_t high = mask(v) & in;  // bytes >= 0x80
+    // Signed compare: bytes >= 0x80 are negative, hence "< 0x20" too; they
+    // are judged below.
+    uint32_t control = mask(_mm_cmplt_epi8(v, space)) & ~high;
+    uint32_t bad_ascii = control | mask(_mm_cmpeq_epi8(v, del)) | mask(_mm_cmpeq_epi8(v, comma));
+    if (bad_ascii & in) return false;
+    if (high == 0 && lead_carry == 0) continue;
+    // u = byte ^ 0x80: continuations 0x80..0xBF become 0x00..0x3F, leads
+    // 0xC2..0xDF become 0x42..0x5F, ASCII becomes negative.
+    __m128i u = _mm_xor_si128(v, flip);
+    uint32_t cont = mask(_mm_cmplt_epi8(u, _mm_set1_epi8(0x40))) & high;
+    uint32_t lead = mask(_mm_and_si128(_mm_cmpgt_epi8(u, _mm_set1_epi8(0x41)), _mm_cmplt_epi8(u, _mm_set1_epi8(0x60)))) & in;
+    if (high & ~cont & ~lead) return false;  // C0, C1, three- and four-byte leads, invalid bytes
+    // Every lead is followed by exactly one continuation, and every
+    // continuation follows a lead.
+    uint32_t expected = ((lead << 1) & 0xFFFFu) | lead_carry;
+    if (cont != (expected & in) || (expected & ~in)) return false;
+    lead_carry = lead >> 15;
+    // 0xC2 0x80..0x9F encode the C1 controls U+0080..U+009F.
+    uint32_t c1 = mask(_mm_cmplt_epi8(u, space)) & high;
+    uint32_t after_c2 = ((mask(_mm_cmpeq_epi8(v, _mm_set1_epi8(static_cast<char>(0xC2)))) & in) << 1 | c2_carry);
+    if (after_c2 & c1 & 0xFFFFu) return false;
+    c2_carry = (after_c2 >> 16) & 1;
+  }
+  return lead_carry == 0;
+}
+#endif
+
+}  // namespace
+
 const char* check_name(std::string_view name) {
+  if (name.empty()) return "name is empty";
+  if (name.size() > limits::name_bytes_max) return "name is longer than name_bytes_max";
+#if defined(__SSE2__)
+  if (name_surely_valid(reinterpret_cast<const unsigned char*>(name.data()), name.size())) return nullptr;
+#endif
+  return check_name_bytes(name);
+}
+
+const char* check_name_bytes(std::string_view name) {
   if (name.empty()) return "name is empty";
   if (name.size() > limits::name_bytes_max) return "name is longer than name_bytes_max";
   const auto* s = reinterpret_cast<const unsigned char*>(name.data());

@@ -124,8 +124,14 @@ struct ValidationContext {
   size_t batch_bets_max = limits::batch_bets_max;  // the server may set it lower
 };
 
-// Returns nullptr when the name is valid, else why not.
+// Returns nullptr when the name is valid, else why not: 1..name_bytes_max
+// bytes of UTF-8 (no overlong forms, surrogates or code points past
+// U+10FFFF) without control characters (C0, DEL, C1) or commas.
 const char* check_name(std::string_view name);
+// The same rules walked byte by byte: the reference check_name's
+// vectorised fast path is tested against, and where it goes when that path
+// cannot vouch for a name (to give the exact reason).
+const char* check_name_bytes(std::string_view name);
 const char* check_document(std::string_view doc);
 const char* check_birthdate(Date d, Date today);
 std::optional<Rejection> check_bet(const Bet& bet, const ValidationContext& ctx);

@@ -63,7 +63,9 @@ LotteryService::LotteryService(reactor::Reactor& reactor, reactor::Link& link, s
       _control(control),
       _producer_locks(producer_locks),
       _slot(control.worker(options.worker_id)),
-      _options(std::move(options)) {
+      _options(std::move(options)),
+      _acks(reactor, store, _slot.syncs,
+            {_options.durability, _options.group_window_ms, _options.group_batches_max}, &release_ack, this) {
   LOTTERY_ASSERT(_options.agencies >= 1 && _options.agencies <= limits::agencies_max);
   LOTTERY_ASSERT(_options.agencies == control.agencies());
   LOTTERY_ASSERT(_options.worker_id < control::workers_max);
@@ -78,7 +80,6 @@ LotteryService::LotteryService(reactor::Reactor& reactor, reactor::Link& link, s
   LOTTERY_ASSERT(_options.sweep_interval_ms >= 1);
   _sessions.resize(reactor_options_for(_options).max_connections);
   static_assert(std::size(drop_names) == static_cast<size_t>(Drop::count));
-  _pending_acks.reserve(_options.group_batches_max);
   // This worker's row of per-agency counts starts from what its segments hold.
   for (uint32_t a = 0; a <= _options.agencies; a++)
     _control.layout().bets_stored[_options.worker_id][a].store(_store.bets_stored(static_cast<uint16_t>(a)));
@@ -88,7 +89,6 @@ LotteryService::LotteryService(reactor::Reactor& reactor, reactor::Link& link, s
 
 LotteryService::~LotteryService() {
   if (_sweep_timer != 0) _reactor.cancel_timer(_sweep_timer);
-  if (_group_timer != 0) _reactor.cancel_timer(_group_timer);
 }
 
 size_t LotteryService::waiting_queries() const {
@@ -504,30 +504,10 @@ LotteryService::Outcome LotteryService::handle_batch(Session& s, const proto::Fr
   }
   // The log line goes out before the acknowledgement it reports.
   log::info("apuesta_recibida", log::Outcome::success, {{"cantidad", info.count}, {"agencia", info.agency}});
-  switch (_options.durability) {
-    case store::Durability::none:
-      acknowledge(s, h.seq, info.count);
-      break;
-    case store::Durability::always:
-      if (auto st = _store.sync(); !st) {
-        log::error("store_sync", log::Outcome::fail, {{"error", st.error().message}});
-        reply_error(s, h.type, h.seq, Status::storage_error, proto::no_bet_index, "could not sync the store");
-        return Outcome::close;
-      }
-      _slot.syncs.fetch_add(1, std::memory_order_relaxed);
-      acknowledge(s, h.seq, info.count);
-      break;
-    case store::Durability::group:
-      _pending_acks.push_back(PendingAck{s.id, h.seq, info.count});
-      if (_pending_acks.size() >= _options.group_batches_max) {
-        flush_group();
-      } else if (_group_timer == 0) {
-        _group_timer = _reactor.add_timer(_options.group_window_ms, [this] {
-          _group_timer = 0;
-          flush_group();
-        });
-      }
-      break;
+  if (_options.durability == store::Durability::none) {
+    acknowledge(s, h.seq, info.count);
+  } else {
+    _acks.hold(PendingAck{s.id, h.seq, info.count});  // sent once a sync covers it
   }
   return Outcome::keep;
 }
@@ -543,33 +523,23 @@ void LotteryService::acknowledge(Session& s, uint32_t seq, uint16_t count) {
   _link.commit_send(s.id, proto::encode_batch_ack(out, reply_bytes_max, seq, count));
 }
 
-void LotteryService::flush_group() {
-  if (_group_timer != 0) {
-    _reactor.cancel_timer(_group_timer);
-    _group_timer = 0;
+void LotteryService::release_ack(void* self, const PendingAck& ack, bool synced) {
+  auto* service = static_cast<LotteryService*>(self);
+  Session* s = service->session(ack.id);
+  if (s == nullptr) return;  // gone: the client resends, and the batch is a duplicate
+  if (!synced) {
+    service->reply_error(*s, static_cast<uint8_t>(MsgType::batch), ack.seq, Status::storage_error,
+                         proto::no_bet_index, "could not sync the store");
+    return;
   }
-  if (_pending_acks.empty() && !_store.dirty()) return;
-  auto st = _store.sync();
-  if (st) _slot.syncs.fetch_add(1, std::memory_order_relaxed);
-  for (const PendingAck& p : _pending_acks) {
-    Session* s = session(p.id);
-    if (s == nullptr) continue;  // gone: the client resends, and the batch is a duplicate
-    if (!st) {
-      reply_error(*s, static_cast<uint8_t>(MsgType::batch), p.seq, Status::storage_error, proto::no_bet_index,
-                  "could not sync the store");
-      continue;
-    }
-    acknowledge(*s, p.seq, p.count);
-  }
-  if (!st) log::error("store_sync", log::Outcome::fail, {{"error", st.error().message}});
-  _pending_acks.clear();
+  service->acknowledge(*s, ack.seq, ack.count);
 }
 
 void LotteryService::release_producer(Session& s) {
   if (s.producer < 0) return;
   // What this producer's state says is stored must be durable before another
   // connection, maybe on another worker, can act on it.
-  if (_options.durability != store::Durability::none && _store.dirty()) flush_group();
+  _acks.sync_all();
   _producer_locks.unlock(static_cast<size_t>(s.producer));
   s.producer = -1;
 }
@@ -723,7 +693,7 @@ void LotteryService::on_draw_maybe_done() {
 }
 
 void LotteryService::begin_shutdown() {
-  flush_group();
+  _acks.sync_all();
   flush_drop_logs(reactor::Reactor::now_ms(), /*force=*/true);
   _shutting_down = true;
   for (Session& s : _sessions) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lottery/control.hpp"
+#include "lottery/durable_acks.hpp"
 #include "lottery/protocol.hpp"
 #include "lottery/results.hpp"
 #include "lottery/store.hpp"
@@ -23,7 +24,7 @@ struct ServiceOptions {
   uint16_t worker_id = 0;
   store::Durability durability = store::Durability::none;
   // Group commit: one sync per window or per this many batches, whichever first.
-  uint32_t group_window_ms = 1;
+  uint32_t group_window_ms = 0;
   uint32_t group_batches_max = 64;
   // Hostile input (docs/SECURITY.md): defaults in lottery/limits.hpp, each
   // settable by a server flag.
@@ -152,14 +153,8 @@ class LotteryService final : public reactor::Handler {
   void answer_waiting();
   void release_producer(Session& s);
   void acknowledge(Session& s, uint32_t seq, uint16_t count);
-  // Group commit: syncs the store once and sends every acknowledgement that waited for it.
-  void flush_group();
-
-  struct PendingAck {
-    reactor::ConnId id;
-    uint32_t seq;
-    uint16_t count;
-  };
+  // DurableAcks::Release: a held acknowledgement whose sync completed (or failed).
+  static void release_ack(void* self, const PendingAck& ack, bool synced);
 
   reactor::Reactor& _reactor;
   reactor::Link& _link;
@@ -167,8 +162,6 @@ class LotteryService final : public reactor::Handler {
   control::Control& _control;
   control::ProducerLocks& _producer_locks;
   control::WorkerSlot& _slot;
-  std::vector<PendingAck> _pending_acks;  // reserved at start: group_batches_max
-  reactor::Reactor::TimerId _group_timer = 0;
   ServiceOptions _options;
   std::vector<Session> _sessions;  // by reactor slot
   size_t _admitted = 0;            // sessions counted against the caps
@@ -180,6 +173,8 @@ class LotteryService final : public reactor::Handler {
   ServiceCounters _counters;
   proto::Date _today;
   uint64_t _today_checked_ms = 0;
+  // Acknowledgements waiting for a sync (durability group/always).
+  DurableAcks _acks;
 };
 
 }  // namespace lottery

@@ -127,6 +127,13 @@ struct RecoveryReport {
 // The writer for one worker's segments. Not thread-safe: one per worker.
 class Store {
  public:
+  struct Mapping {
+    int fd = -1;
+    std::byte* map = nullptr;
+    size_t capacity = 0;
+    std::string path;
+  };
+
   // Opens (creating if needed) the data directory, recovers this worker's
   // segments and positions the tail after the last valid entry.
   static common::Result<std::unique_ptr<Store>> open(const StoreOptions& options);
@@ -145,9 +152,32 @@ class Store {
 
   // Makes everything appended so far durable: msync(MS_SYNC) of the bytes
   // written since the last sync (on Linux that is vfs_fsync_range, the data
-  // part of fdatasync). A no-op when nothing is dirty.
+  // part of fdatasync). A no-op when nothing is dirty. Not while a SyncJob
+  // is out.
   common::Status sync();
-  bool dirty() const { return _synced != _tail || _old_segment_dirty; }
+  // Appended bytes not yet handed to a sync (by sync() or begin_sync()).
+  bool dirty() const { return _synced != _tail || !_retired.empty(); }
+
+  // A sync in two halves, so that it can run on another thread while the
+  // event loop goes on appending: begin_sync() (loop thread) captures what is
+  // appended so far, SyncJob::run() (any thread, touching nothing of the
+  // Store) makes it durable, end_sync() (loop thread) takes the result. One
+  // job at a time; bytes appended after begin_sync() belong to the next one.
+  struct SyncJob {
+    common::Status run();
+    // Segments left behind by a roll-over: synced whole, then unmapped.
+    std::vector<Mapping> retired;
+    // [from, to) of the current segment's mapping, `from` page-aligned.
+    std::byte* map = nullptr;
+    size_t from = 0;
+    size_t to = 0;
+    uint16_t worker_id = 0;
+    uint64_t segment_index = 0;  // names the file in an error message
+  };
+  // False (and `job` untouched) when nothing is dirty.
+  bool begin_sync(SyncJob& job);
+  void end_sync(SyncJob& job, const common::Status& result);
+  bool sync_in_flight() const { return _job_active; }
   uint64_t sync_count() const { return _sync_count; }
   // Tests count syncs through this hook (called once per real sync).
   void set_sync_hook(void (*hook)(void*), void* arg) {
@@ -164,15 +194,7 @@ class Store {
 
  private:
   explicit Store(StoreOptions options) : _options(std::move(options)) {}
-public:
-  struct Mapping {
-    int fd = -1;
-    std::byte* map = nullptr;
-    size_t capacity = 0;
-    std::string path;
-  };
 
- private:
   common::Result<Mapping> map_segment(uint64_t index, bool create);
   // The next segment is created, allocated and prefaulted by a helper thread
   // while the current one fills, so the event loop neither waits for
@@ -196,10 +218,11 @@ public:
   std::string _path;
   size_t _reserved = 0;  // payload bytes reserved, 0 when none
   bool _reserved_active = false;
-  size_t _synced = 0;  // bytes of the current segment known to be on disk
-  bool _old_segment_dirty = false;
-  // Segments rolled over before their last bytes were synced: kept mapped
-  // until the next sync() (durable modes only).
+  size_t _synced = 0;  // bytes of the current segment handed to a sync (done, or in a SyncJob)
+  bool _job_active = false;  // a SyncJob is out (begin_sync without its end_sync)
+  // Segments rolled over before their last bytes were synced, or while a
+  // SyncJob may still be syncing them: kept mapped until the next sync
+  // (durable modes only).
   std::vector<Mapping> _retired;
   std::future<common::Result<Mapping>> _next;  // valid while a next segment is being (or was) prepared
   uint64_t _next_index = 0;

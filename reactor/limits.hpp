@@ -20,7 +20,15 @@ inline constexpr size_t output_buffer_bytes = 128 * 1024;
 inline constexpr size_t output_high_water_bytes = output_buffer_bytes / 2;
 inline constexpr size_t connections_default = 4096;
 inline constexpr size_t events_per_wait_max = 256;
+// Timers armed at once, per reactor. The server arms a handful (the session
+// sweep, the group-commit window, the draw re-check, shutdown steps); the
+// rest is headroom. Sized at start-up with the heap that orders them.
 inline constexpr size_t timers_max = 1024;
+// A timer callback is stored in place: room for `this` plus three more
+// pointers or small values.
+inline constexpr size_t timer_callback_bytes = 32;
+// Before-sleep hooks: a handler's and a process's few, added at set-up.
+inline constexpr size_t before_sleep_hooks_max = 8;
 
 // io_uring backend. Receive buffers live in one provided-buffer ring shared by
 // every connection; the kernel picks one per completion. 16 KiB holds a
@@ -45,5 +53,7 @@ static_assert(uring_buffer_bytes <= read_chunk_bytes);
 static_assert(std::has_single_bit(uring_buffer_count) && uring_buffer_count <= 32768);
 static_assert(uring_cq_entries >= 4 * uring_sq_entries);
 static_assert(output_high_water_bytes < output_buffer_bytes);
+// Timer ids carry the slot in 32 bits.
+static_assert(timers_max <= UINT32_MAX);
 
 }  // namespace reactor::limits

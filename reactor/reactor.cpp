@@ -53,7 +53,11 @@ Reactor::Reactor(std::unique_ptr<Backend> backend, Options options)
   _free_slots.reserve(options.max_connections);
   for (size_t i = options.max_connections; i-- > 0;) _free_slots.push_back(static_cast<uint32_t>(i));
   _dirty.reserve(options.max_connections);
+  _timers.resize(limits::timers_max);
+  _free_timers.reserve(limits::timers_max);
+  for (size_t i = limits::timers_max; i-- > 0;) _free_timers.push_back(static_cast<uint32_t>(i));
   _timer_heap.reserve(limits::timers_max);
+  _before_sleep.reserve(limits::before_sleep_hooks_max);
 }
 
 Reactor::~Reactor() {
@@ -350,13 +354,20 @@ void Reactor::on_sent(ConnId id, size_t bytes, int err) {
   c.out_head += bytes;
   LOTTERY_ASSERT(c.out_head <= c.out_sending);
   if (c.out_head < c.out_tail) {
-    start_send(id, c);  // the rest of this range, and whatever came since
+    // The rest of this range, and whatever came since, leave with the
+    // iteration's flush, after the before-sleep hooks: replies queued by
+    // completions reaped in this same poll must not overtake what those hooks
+    // write first (the log lines that report them, a sync).
+    if (!c.dirty) {
+      c.dirty = true;
+      _dirty.push_back(id);
+    }
   } else {
     c.out_head = c.out_sending = c.out_tail = 0;
     release_output_if_empty(c);
   }
   if (c.state == State::closing) {
-    if (!c.send_in_flight) finish_close(id, c);
+    if (!c.dirty) finish_close(id, c);  // else flush_dirty sends the rest, then closes
     return;
   }
   if (c.state != State::open) return;
@@ -475,24 +486,54 @@ void Reactor::on_released(ConnId id) {
 
 // ---------------------------------------------------------------- timers, watches
 
-Reactor::TimerId Reactor::add_timer(uint64_t delay_ms, std::function<void()> callback) {
-  TimerId id = _next_timer_id++;
-  if (_timer_heap.size() >= limits::timers_max) {
-    // Cancelled timers stay in the heap until their deadline; drop them now
-    // rather than fail a caller that adds and cancels often.
-    auto later = [](const Timer& a, const Timer& b) { return a.deadline_ms > b.deadline_ms; };
-    std::erase_if(_timer_heap, [this](const Timer& t) { return _timer_callbacks.count(t.id) == 0; });
-    std::make_heap(_timer_heap.begin(), _timer_heap.end(), later);
-  }
-  LOTTERY_ASSERT(_timer_heap.size() < limits::timers_max);
-  _timer_heap.push_back(Timer{now_ms() + delay_ms, id});
-  std::push_heap(_timer_heap.begin(), _timer_heap.end(),
-                 [](const Timer& a, const Timer& b) { return a.deadline_ms > b.deadline_ms; });
-  _timer_callbacks.emplace(id, std::move(callback));
-  return id;
+namespace {
+bool later(const auto& a, const auto& b) { return a.deadline_ms > b.deadline_ms; }
+}  // namespace
+
+bool Reactor::timer_entry_live(const TimerEntry& e) const {
+  const TimerSlot& t = _timers[e.slot];
+  return t.armed && t.generation == e.generation;
 }
 
-void Reactor::cancel_timer(TimerId id) { _timer_callbacks.erase(id); }
+void Reactor::free_timer_slot(uint32_t slot) {
+  TimerSlot& t = _timers[slot];
+  LOTTERY_ASSERT(t.armed);
+  t.armed = false;
+  t.generation++;
+  if (t.generation == 0) t.generation = 1;  // ids are never 0
+  _free_timers.push_back(slot);
+}
+
+Reactor::TimerId Reactor::add_timer(uint64_t delay_ms, TimerCallback callback) {
+  // Running out of slots is a programmer error: timers_max is far above what
+  // any caller keeps armed.
+  LOTTERY_ASSERT(!_free_timers.empty());
+  if (_timer_heap.size() >= limits::timers_max) {
+    // Cancelled timers stay in the heap until their deadline; drop them now
+    // rather than fail a caller that adds and cancels often. At most
+    // timers_max - 1 are live (a slot is free), so this makes room.
+    std::erase_if(_timer_heap, [this](const TimerEntry& e) { return !timer_entry_live(e); });
+    std::make_heap(_timer_heap.begin(), _timer_heap.end(), later<TimerEntry, TimerEntry>);
+  }
+  LOTTERY_ASSERT(_timer_heap.size() < limits::timers_max);
+  uint32_t slot = _free_timers.back();
+  _free_timers.pop_back();
+  TimerSlot& t = _timers[slot];
+  LOTTERY_ASSERT(!t.armed);
+  t.armed = true;
+  t.callback = callback;
+  _timer_heap.push_back(TimerEntry{now_ms() + delay_ms, slot, t.generation});
+  std::push_heap(_timer_heap.begin(), _timer_heap.end(), later<TimerEntry, TimerEntry>);
+  return (uint64_t{t.generation} << 32) | slot;
+}
+
+void Reactor::cancel_timer(TimerId id) {
+  uint64_t slot = id & 0xffff'ffffu;
+  if (slot >= _timers.size()) return;
+  TimerSlot& t = _timers[slot];
+  if (!t.armed || t.generation != static_cast<uint32_t>(id >> 32)) return;  // fired, or cancelled already
+  free_timer_slot(static_cast<uint32_t>(slot));
+}
 
 int Reactor::next_timeout_ms() {
   if (_stopping) return 0;
@@ -504,15 +545,14 @@ int Reactor::next_timeout_ms() {
 
 void Reactor::run_timers() {
   uint64_t now = now_ms();
-  auto later = [](const Timer& a, const Timer& b) { return a.deadline_ms > b.deadline_ms; };
   while (!_timer_heap.empty() && _timer_heap.front().deadline_ms <= now) {
-    std::pop_heap(_timer_heap.begin(), _timer_heap.end(), later);
-    TimerId id = _timer_heap.back().id;
+    std::pop_heap(_timer_heap.begin(), _timer_heap.end(), later<TimerEntry, TimerEntry>);
+    TimerEntry e = _timer_heap.back();
     _timer_heap.pop_back();
-    auto it = _timer_callbacks.find(id);
-    if (it == _timer_callbacks.end()) continue;  // cancelled
-    auto callback = std::move(it->second);
-    _timer_callbacks.erase(it);
+    if (!timer_entry_live(e)) continue;  // cancelled
+    // Freed before the call, so the callback may arm timers (itself again).
+    TimerCallback callback = _timers[e.slot].callback;
+    free_timer_slot(e.slot);
     callback();
   }
 }
@@ -522,6 +562,11 @@ common::Status Reactor::watch_fd(int fd, std::function<void()> callback) {
   if (auto st = _backend->add_watch(fd, token); !st) return st;
   _watches.emplace_back(fd, std::move(callback));
   return common::ok_status();
+}
+
+void Reactor::add_before_sleep(std::function<void()> callback) {
+  LOTTERY_ASSERT(_before_sleep.size() < limits::before_sleep_hooks_max);
+  _before_sleep.push_back(std::move(callback));
 }
 
 void Reactor::wake() {
@@ -551,7 +596,7 @@ void Reactor::run() {
     // Completions first, then timers, then one flush of all replies.
     _backend->poll(_dirty.empty() ? next_timeout_ms() : 0, *this);
     run_timers();
-    if (_before_sleep) _before_sleep();
+    for (auto& hook : _before_sleep) hook();
     flush_dirty();
   }
   flush_dirty();

@@ -8,8 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
+#include <new>
+#include <type_traits>
 #include <span>
 #include <string>
 #include <vector>
@@ -53,6 +54,32 @@ struct Stats {
   uint64_t refused_no_fd = 0;  // of those, accepted with the spare descriptor (EMFILE/ENFILE)
   uint64_t bytes_in = 0;
   uint64_t bytes_out = 0;
+};
+
+// A timer's callback, stored in place so that arming a timer never
+// allocates: any callable that is trivially copyable and destructible (a
+// lambda capturing `this`, pointers, references or small values) and fits in
+// limits::timer_callback_bytes. A callable that needs more state should
+// capture a pointer to it.
+class TimerCallback {
+ public:
+  TimerCallback() = default;
+  template <typename F>
+    requires(!std::is_same_v<std::decay_t<F>, TimerCallback> && std::is_invocable_v<F&>)
+  TimerCallback(F f) {  // NOLINT: implicit on purpose, add_timer takes lambdas
+    static_assert(sizeof(F) <= limits::timer_callback_bytes,
+                  "a timer callback captures too much: capture a pointer to its state instead");
+    static_assert(alignof(F) <= alignof(std::max_align_t));
+    static_assert(std::is_trivially_copyable_v<F> && std::is_trivially_destructible_v<F>,
+                  "a timer callback is copied as bytes and never destroyed: capture pointers, not owners");
+    ::new (static_cast<void*>(_storage)) F(f);
+    _invoke = [](std::byte* storage) { (*std::launder(reinterpret_cast<F*>(storage)))(); };
+  }
+  void operator()() { _invoke(_storage); }
+
+ private:
+  alignas(std::max_align_t) std::byte _storage[limits::timer_callback_bytes]{};
+  void (*_invoke)(std::byte*) = nullptr;
 };
 
 class Reactor final : public Link, private BackendEvents {
@@ -106,10 +133,13 @@ class Reactor final : public Link, private BackendEvents {
   // Runs every open connection through close(Flush::yes, reason).
   void close_all(CloseReason reason) override;
 
-  // Timers: one-shot, in milliseconds on the monotonic clock.
+  // Timers: one-shot, in milliseconds on the monotonic clock, from a pool of
+  // limits::timers_max slots allocated at start-up (no allocation per timer).
+  // An id is never 0; cancelling a timer that fired or was cancelled is a no-op.
   using TimerId = uint64_t;
-  TimerId add_timer(uint64_t delay_ms, std::function<void()> callback);
+  TimerId add_timer(uint64_t delay_ms, TimerCallback callback);
   void cancel_timer(TimerId id);
+  size_t timers_armed() const { return _timers.size() - _free_timers.size(); }
 
   // A readable fd calls `callback` (the callee drains the fd).
   common::Status watch_fd(int fd, std::function<void()> callback);
@@ -117,8 +147,10 @@ class Reactor final : public Link, private BackendEvents {
   // Async-signal-safe: wakes run() from a signal handler or another thread.
   void wake();
   void set_wake_callback(std::function<void()> callback) { _on_wake = std::move(callback); }
-  // Runs after every batch of completions, before the loop sleeps.
-  void set_before_sleep(std::function<void()> callback) { _before_sleep = std::move(callback); }
+  // Runs after every batch of completions and timers, before the iteration's
+  // replies are flushed and the loop sleeps; hooks run in the order they were
+  // added (a handler's, then the process's log flush, say). Set-up only.
+  void add_before_sleep(std::function<void()> callback);
 
   void run();
   void stop() { _stopping = true; }
@@ -181,13 +213,24 @@ class Reactor final : public Link, private BackendEvents {
   std::vector<int> _listeners;
   std::vector<std::byte> _refusal;
 
-  struct Timer {
-    uint64_t deadline_ms;
-    TimerId id;
+  // A timer slot is armed from add_timer until it fires or is cancelled; its
+  // generation changes each time it is freed, so a stale id or heap entry
+  // never reaches its next occupant.
+  struct TimerSlot {
+    TimerCallback callback;
+    uint32_t generation = 1;
+    bool armed = false;
   };
-  std::vector<Timer> _timer_heap;
-  std::map<TimerId, std::function<void()>> _timer_callbacks;
-  TimerId _next_timer_id = 1;
+  struct TimerEntry {  // a min-heap on deadline; cancelled entries stay until popped or purged
+    uint64_t deadline_ms;
+    uint32_t slot;
+    uint32_t generation;
+  };
+  bool timer_entry_live(const TimerEntry& e) const;
+  void free_timer_slot(uint32_t slot);
+  std::vector<TimerSlot> _timers;         // limits::timers_max, sized at start-up
+  std::vector<uint32_t> _free_timers;     // reserved at start-up
+  std::vector<TimerEntry> _timer_heap;    // reserved at start-up
 
   int _wake_fd = -1;
   // Held open so that, out of descriptors, one can be freed to accept a
@@ -195,7 +238,7 @@ class Reactor final : public Link, private BackendEvents {
   int _spare_fd = -1;
   std::function<void()> _on_wake;
   std::vector<std::pair<int, std::function<void()>>> _watches;
-  std::function<void()> _before_sleep;
+  std::vector<std::function<void()>> _before_sleep;
   bool _stopping = false;
   Stats _stats;
 };

@@ -133,10 +133,12 @@ common::Result<ServerConfig> parse_config(int argc, char** argv, int& exit_code)
                  "(synced each batch)")
       ->envname("SERVER_DURABILITY")
       ->check(CLI::IsMember({"none", "group", "always"}));
-  app.add_option("--group-window-ms", cfg.group_window_ms, "group commit: longest wait before a sync")
+  app.add_option("--group-window-ms", cfg.group_window_ms,
+                 "group commit: while the disk is idle, how long a group's first batch waits for more before the "
+                 "sync starts (0: at once)")
       ->envname("SERVER_GROUP_WINDOW_MS")
-      ->check(CLI::Range(1, 1000));
-  app.add_option("--group-batches", cfg.group_batches_max, "group commit: sync at once after this many batches")
+      ->check(CLI::Range(0, 1000));
+  app.add_option("--group-batches", cfg.group_batches_max, "group commit: the most batches in one sync")
       ->envname("SERVER_GROUP_BATCHES")
       ->check(CLI::Range(1, 4096));
   app.add_flag("--repair", cfg.repair,

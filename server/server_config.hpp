@@ -42,7 +42,7 @@ struct ServerConfig {
   // Default group: an acknowledged bet survives a power cut, at the price of
   // about a millisecond of acknowledgement latency (see docs/STORAGE.md).
   std::string durability = "group";
-  uint32_t group_window_ms = 1;
+  uint32_t group_window_ms = 0;
   uint32_t group_batches_max = 64;
   bool repair = false;
   // TLS (docs/SECURITY.md): the server's keys file; empty means plaintext,

@@ -32,6 +32,8 @@ namespace log = common::log;
 namespace {
 
 constexpr uint64_t draw_recheck_ms = 1000;
+// While shutting down: how often to look whether every connection drained.
+constexpr uint64_t drain_check_ms = 10;
 // Longer than a worker's shutdown grace period plus its final sync.
 constexpr int worker_lock_wait_ms_max = 60'000;
 
@@ -270,12 +272,17 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
 
   // Belt and braces for file systems where inotify says nothing (some network
   // and overlay mounts): while queries wait, look at the draw state each second.
-  std::function<void()> recheck;
-  recheck = [&] {
-    if (service.waiting_queries() > 0) service.on_draw_maybe_done();
-    loop.add_timer(draw_recheck_ms, recheck);
+  // (A timer callback is stored in place, so the re-arming callable is a
+  // small struct of pointers rather than a std::function naming itself.)
+  struct Recheck {
+    reactor::Reactor* loop;
+    lottery::LotteryService* service;
+    void operator()() const {
+      if (service->waiting_queries() > 0) service->on_draw_maybe_done();
+      loop->add_timer(draw_recheck_ms, *this);
+    }
   };
-  loop.add_timer(draw_recheck_ms, recheck);
+  loop.add_timer(draw_recheck_ms, Recheck{&loop, &service});
 
   slot.writing.store(0);
   slot.pid.store(static_cast<uint64_t>(::getpid()));
@@ -284,14 +291,18 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
 
   bool shutting_down = false;
   uint64_t shutdown_deadline = 0;
-  std::function<void()> check_drained;
-  check_drained = [&] {
-    if (loop.slots_in_use() == 0 || reactor::Reactor::now_ms() >= shutdown_deadline) {
-      loop.stop();
-      return;
+  struct CheckDrained {
+    reactor::Reactor* loop;
+    const uint64_t* deadline_ms;
+    void operator()() const {
+      if (loop->slots_in_use() == 0 || reactor::Reactor::now_ms() >= *deadline_ms) {
+        loop->stop();
+        return;
+      }
+      loop->add_timer(drain_check_ms, *this);
     }
-    loop.add_timer(10, check_drained);
   };
+  CheckDrained check_drained{&loop, &shutdown_deadline};
   loop.set_wake_callback([&] {
     if (g_reload_keys != 0) reload_keys();
     if (g_stop_signal == 0 || shutting_down) return;
@@ -308,7 +319,9 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   // One write(2) per loop iteration for all of its log lines, made before
   // the iteration's replies go out (the reactor flushes replies after this hook).
   log::set_deferred(true);
-  loop.set_before_sleep([] { log::flush(); });
+  // Added after the service's own hook (held acknowledgements released by a
+  // sync), so those lines are out before their replies too.
+  loop.add_before_sleep([] { log::flush(); });
   loop.run();
   log::set_deferred(false);
   g_reactor.store(nullptr);

@@ -1,6 +1,8 @@
 // Wire protocol: round trips, validation rules, and frames split anywhere.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include <array>
 #include <string>
 #include <vector>
@@ -301,4 +303,47 @@ TEST(Validation, NameFastPathAgreesWithByteRules) {
   }
   EXPECT_EQ(check_name("Agustín Emanuel de la Santísima Trinidad"), nullptr);
   EXPECT_NE(check_name("Agustín Emanuel de la Santísima,Trinidad"), nullptr);
+}
+
+// check_name's 16-bytes-at-a-time path (ASCII and two-byte sequences) must
+// give the byte rules' verdict, and their reason, for every pair of byte
+// values at every position of names that straddle its chunks, and for
+// random names built from the pieces that matter.
+TEST(Validation, NameVectorPathAgreesWithByteRules) {
+  for (size_t len : {2u, 3u, 15u, 16u, 17u, 31u, 32u, 33u}) {
+    for (size_t pos = 0; pos + 1 < len; pos += (len > 17 ? 7 : 1)) {
+      for (unsigned a = 0x80; a < 256; a++) {
+        for (unsigned b = 0; b < 256; b++) {
+          std::string name(len, 'a');
+          name[pos] = static_cast<char>(a);
+          name[pos + 1] = static_cast<char>(b);
+          const char* fast = check_name(name);
+          const char* bytes = check_name_bytes(name);
+          ASSERT_EQ(fast == nullptr, bytes == nullptr) << "len " << len << " pos " << pos << " bytes " << a << " " << b;
+          if (fast != nullptr) {
+      ASSERT_STREQ(fast, bytes);
+    }
+        }
+      }
+    }
+  }
+  constexpr uint32_t seed = 20261205;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const std::vector<std::string> pieces = {"a", "Z", " ", "'", "-", "á", "Ñ", "ü", "\xC2\xA0", "\xC2\x85", "\xDF\xBF",
+                                           "€", "\xF0\x9F\x98\x80", ",", "\x7F", "\x1F", "\xC3", "\xA9", "\xC0\xAF",
+                                           "\xE0\x80\xAF", "\xED\xA0\x80", "\xFF"};
+  for (int i = 0; i < 200'000; i++) {
+    std::string name;
+    size_t parts = 1 + rng() % 40;
+    // Mostly valid pieces, so long valid names (the vector path's case) are common.
+    for (size_t k = 0; k < parts; k++) name += pieces[rng() % 100 < 90 ? rng() % 8 : rng() % pieces.size()];
+    if (name.size() > lottery::limits::name_bytes_max) name.resize(lottery::limits::name_bytes_max);
+    const char* fast = check_name(name);
+    const char* bytes = check_name_bytes(name);
+    ASSERT_EQ(fast == nullptr, bytes == nullptr) << "name " << name;
+    if (fast != nullptr) {
+      ASSERT_STREQ(fast, bytes);
+    }
+  }
 }

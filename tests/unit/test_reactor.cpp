@@ -361,6 +361,54 @@ TEST_P(ReactorTest, TimersFireInOrder) {
   EXPECT_EQ(order, (std::vector<int>{1, 2, 3}));
 }
 
+// Timer slots are reused: an id whose timer fired or was cancelled must not
+// cancel the slot's next occupant.
+TEST_P(ReactorTest, StaleTimerIdsCancelNothing) {
+  SKIP_IF_UNAVAILABLE();
+  auto r = reactor::Reactor::create(GetParam(), reactor::Options{.max_connections = 4});
+  ASSERT_TRUE(r.ok());
+  int fired = 0;
+  auto first = (*r)->add_timer(5, [&] { fired += 100; });
+  (*r)->cancel_timer(first);
+  EXPECT_EQ((*r)->timers_armed(), 0u);
+  auto second = (*r)->add_timer(5, [&] { fired += 1; });  // takes the freed slot
+  EXPECT_NE(first, second);
+  EXPECT_NE(second, 0u);
+  (*r)->cancel_timer(first);   // stale: a no-op
+  (*r)->cancel_timer(first);
+  (*r)->add_timer(30, [&] { (*r)->stop(); });
+  (*r)->run();
+  EXPECT_EQ(fired, 1);
+  (*r)->cancel_timer(second);  // fired already: a no-op
+  EXPECT_EQ((*r)->timers_armed(), 0u);
+}
+
+// A callback may arm timers, itself included (its slot is free by then), and
+// captures up to timer_callback_bytes are stored in place.
+TEST_P(ReactorTest, TimerCallbackRearmsItself) {
+  SKIP_IF_UNAVAILABLE();
+  auto r = reactor::Reactor::create(GetParam(), reactor::Options{.max_connections = 4});
+  ASSERT_TRUE(r.ok());
+  struct Tick {
+    reactor::Reactor* loop;
+    int* count;
+    uint64_t a, b;  // fills the in-place storage
+    void operator()() const {
+      if (++*count == 5) {
+        loop->stop();
+        return;
+      }
+      loop->add_timer(1, *this);
+    }
+  };
+  static_assert(sizeof(Tick) == reactor::limits::timer_callback_bytes);
+  int count = 0;
+  (*r)->add_timer(1, Tick{r->get(), &count, 1, 2});
+  (*r)->run();
+  EXPECT_EQ(count, 5);
+  EXPECT_EQ((*r)->timers_armed(), 0u);
+}
+
 TEST_P(ReactorTest, PausingInsideTheHandlerLosesNoBytes) {
   SKIP_IF_UNAVAILABLE();
   constexpr uint32_t seed = 20240601;
