@@ -4,7 +4,9 @@
 
 #include <sys/socket.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "reactor/reactor.hpp"
 
@@ -41,6 +43,18 @@ inline int adopt_socketpair(reactor::Reactor& loop, int buffer_bytes = 0) {
   }
   loop.adopt(fds[0]);
   return fds[1];
+}
+
+// Writes all of `bytes` to a socket with room for them (a test's small
+// requests). False, errno set, when a send fails or would block.
+inline bool send_all(int fd, std::span<const std::byte> bytes) {
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
 }
 
 }  // namespace testsupport

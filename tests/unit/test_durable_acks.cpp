@@ -42,12 +42,7 @@ class DurableAcks : public ::testing::Test {
   }
 
   static void send_all(int fd, const std::vector<std::byte>& bytes) {
-    size_t done = 0;
-    while (done < bytes.size()) {
-      ssize_t n = ::send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
-      ASSERT_GT(n, 0) << std::strerror(errno);
-      done += static_cast<size_t>(n);
-    }
+    ASSERT_TRUE(testsupport::send_all(fd, bytes)) << std::strerror(errno);
   }
   static void append_hello(std::vector<std::byte>& out, uint32_t seq, uint16_t agency, uint64_t producer) {
     std::vector<std::byte> f(64);
