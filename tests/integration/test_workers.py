@@ -170,23 +170,30 @@ def test_sigkill_workers_during_ingestion(start_server, workdir):
                 cut.append(repr(e))
                 time.sleep(0.01)
 
-    threads = [threading.Thread(target=agency, args=(a,)) for a in (1, 2, 3)]
+    # Daemon threads, stopped in `finally`: a failure here must not leave
+    # them retrying forever and the interpreter waiting for them at exit.
+    threads = [threading.Thread(target=agency, args=(a,), daemon=True) for a in (1, 2, 3)]
     for t in threads:
         t.start()
     rng = random.Random(1234)
     kills = 0
     deadline = time.time() + 60
-    while kills < 22 and time.time() < deadline:
-        time.sleep(rng.uniform(0.05, 0.25))
-        children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
-        if not children:
-            continue
-        os.kill(int(rng.choice(children)), signal.SIGKILL)
-        kills += 1
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join(timeout=30)
+    try:
+        while kills < 22 and time.time() < deadline:
+            time.sleep(rng.uniform(0.05, 0.25))
+            children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+            if not children:
+                continue
+            try:
+                os.kill(int(rng.choice(children)), signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # it exited (and was reaped) between pgrep and kill
+            kills += 1
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
     assert kills >= 20
     assert len(acked) > 0
     assert cut, "no client connection was cut by the kills"
@@ -216,7 +223,10 @@ def test_agency_client_recovers_from_a_cut_connection(start_server, workdir):
                       env={"CLI_BATCH_MAXAMOUNT": "10", "CLI_LOOP_PERIOD": "50ms", "CLI_LOOP_AMOUNT": "100"})
     time.sleep(0.3)
     for child in subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split():
-        os.kill(int(child), signal.SIGKILL)
+        try:
+            os.kill(int(child), signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone
     proc.wait(timeout=120)
     proc.log_file.close()
     log = read(proc.log_path)
