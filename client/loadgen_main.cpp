@@ -13,6 +13,7 @@
 #include <cstdio>
 
 #include "client/loadgen.hpp"
+#include "common/signals.hpp"
 
 namespace {
 
@@ -34,14 +35,9 @@ int main(int argc, char** argv) {
   if (!options) return exit_code;
 
   // A signal only sets the flag: the run stops sending, drains and reports.
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-  struct sigaction ignore {};
-  ignore.sa_handler = SIG_IGN;
-  sigaction(SIGPIPE, &ignore, nullptr);
+  common::signals::handle(SIGINT, on_stop_signal);
+  common::signals::handle(SIGTERM, on_stop_signal);
+  common::signals::ignore(SIGPIPE);
 
   auto report = lottery::loadgen::run(*options, &g_stop);
   if (!report) {

@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/file.h>
-#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -20,8 +19,10 @@
 #include <vector>
 
 #include "common/log.hpp"
+#include "common/signals.hpp"
 #include "lottery/control.hpp"
 #include "reactor/net.hpp"
+#include "server/dir_watch.hpp"
 #include "reactor/reactor.hpp"
 #include "tls/keys.hpp"
 #include "server/metrics.hpp"
@@ -56,17 +57,10 @@ void on_signal(int sig) {
 }
 
 void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGCHLD, &sa, nullptr);
-  sigaction(SIGHUP, &sa, nullptr);  // reload the TLS keys: forwarded to every worker
-  struct sigaction ignore {};
-  ignore.sa_handler = SIG_IGN;
-  sigaction(SIGPIPE, &ignore, nullptr);
+  namespace sig = common::signals;
+  for (int s : {SIGTERM, SIGINT, SIGCHLD, SIGHUP})  // SIGHUP: reload the TLS keys, forwarded to every worker
+    sig::handle(s, on_signal, SA_RESTART | SA_NOCLDSTOP);
+  sig::ignore(SIGPIPE);
 }
 
 std::string describe_status(int status) {
@@ -367,21 +361,12 @@ int Master::run() {
   }
 
   // lotteryctl close drops a request file; inotify hands it to us.
-  _inotify_fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-  if (_inotify_fd < 0 || ::inotify_add_watch(_inotify_fd, _cfg.data_dir.c_str(), IN_MOVED_TO | IN_CLOSE_WRITE) < 0)
-    return fail("inotify", std::strerror(errno));
+  auto watch = watch_directory(_cfg.data_dir);
+  if (!watch) return fail("inotify", watch.error().message);
+  _inotify_fd = *watch;
   std::string request_path = _cfg.data_dir + "/" + close_request_file_name;
   (void)_loop->watch_fd(_inotify_fd, [this, request_path] {
-    alignas(inotify_event) char buf[4096];
-    bool requested = false;
-    ssize_t n;
-    while ((n = ::read(_inotify_fd, buf, sizeof buf)) > 0) {
-      for (char* p = buf; p < buf + n;) {
-        auto* ev = reinterpret_cast<inotify_event*>(p);
-        if (ev->len > 0 && std::strcmp(ev->name, close_request_file_name) == 0) requested = true;
-        p += sizeof(inotify_event) + ev->len;
-      }
-    }
+    bool requested = drain_for(_inotify_fd, close_request_file_name);
     if (requested && ::access(request_path.c_str(), F_OK) == 0) {
       close_betting("operator");
       ::unlink(request_path.c_str());

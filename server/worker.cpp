@@ -4,7 +4,6 @@
 #include <signal.h>
 #include <fcntl.h>
 #include <sys/file.h>
-#include <sys/inotify.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -17,12 +16,14 @@
 #include <vector>
 
 #include "common/log.hpp"
+#include "common/signals.hpp"
 #include "lottery/control.hpp"
 #include "lottery/results.hpp"
 #include "lottery/session.hpp"
 #include "lottery/store.hpp"
 #include "reactor/net.hpp"
 #include "reactor/reactor.hpp"
+#include "server/dir_watch.hpp"
 #include "tls/layer.hpp"
 
 namespace server {
@@ -53,22 +54,12 @@ void on_reload_signal(int) {
 }
 
 void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
-  // SIGHUP (forwarded by the master): reload the TLS keys file.
-  struct sigaction hup {};
-  hup.sa_handler = on_reload_signal;
-  sigemptyset(&hup.sa_mask);
-  sigaction(SIGHUP, &hup, nullptr);
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  sigaction(SIGCHLD, &dfl, nullptr);
-  struct sigaction ignore {};
-  ignore.sa_handler = SIG_IGN;
-  sigaction(SIGPIPE, &ignore, nullptr);
+  namespace sig = common::signals;
+  sig::handle(SIGTERM, on_stop_signal);
+  sig::handle(SIGINT, on_stop_signal);
+  sig::handle(SIGHUP, on_reload_signal);  // forwarded by the master: reload the TLS keys file
+  sig::reset(SIGCHLD);
+  sig::ignore(SIGPIPE);
   sigset_t none;
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, nullptr);
@@ -252,22 +243,11 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   // The draw may complete in another process (another worker, the master on
   // --close-at, lotteryctl close). Its last step renames the results file
   // into place; inotify tells us at once, with no polling.
-  int inotify_fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-  if (inotify_fd < 0) return fail(worker_id, "inotify_init1", std::strerror(errno));
-  if (::inotify_add_watch(inotify_fd, cfg.data_dir.c_str(), IN_MOVED_TO | IN_CLOSE_WRITE | IN_ATTRIB) < 0)
-    return fail(worker_id, "inotify_add_watch", std::strerror(errno) + std::string(" on ") + cfg.data_dir);
+  auto watch = watch_directory(cfg.data_dir, /*attributes=*/true);
+  if (!watch) return fail(worker_id, "inotify", watch.error().message);
+  int inotify_fd = *watch;
   (void)loop.watch_fd(inotify_fd, [&] {
-    alignas(inotify_event) char buf[4096];
-    bool results = false;
-    ssize_t n;
-    while ((n = ::read(inotify_fd, buf, sizeof buf)) > 0) {
-      for (char* p = buf; p < buf + n;) {
-        auto* ev = reinterpret_cast<inotify_event*>(p);
-        if (ev->len > 0 && std::strcmp(ev->name, lottery::results_file_name) == 0) results = true;
-        p += sizeof(inotify_event) + ev->len;
-      }
-    }
-    if (results) service.on_draw_maybe_done();
+    if (drain_for(inotify_fd, lottery::results_file_name)) service.on_draw_maybe_done();
   });
 
   // Belt and braces for file systems where inotify says nothing (some network
