@@ -107,6 +107,40 @@ class Master {
   std::vector<Worker> _workers;
   int _lock_fd = -1;
   int _port_fd = -1;
+  // Parses --tls-keys and, when it parses, writes it to the active keys
+  // file the workers load (worker.hpp). The keys, or why not.
+  common::Result<tls::KeyRing> publish_keys() {
+    auto keys = tls::KeyRing::load(_cfg.tls_keys);
+    if (!keys) return keys.error();
+    if (keys->empty()) return common::Error::make(EINVAL, _cfg.tls_keys + " holds no key; run lotteryctl keys init");
+    std::string comment = "the keys in use, copied from ";
+    comment.append(_cfg.tls_keys).append(" by lottery-server; do not edit");
+    std::string path = _cfg.data_dir;
+    path.append("/").append(active_keys_file_name);
+    auto st = tls::write_private_file(path, tls::format_keys(*keys, comment));
+    if (!st) return st.error();
+    return keys;
+  }
+
+  // SIGHUP: a keys file that parses goes to every worker; one that does not
+  // changes nothing (workers keep their keys, restarted ones load the same).
+  void reload_keys() {
+    if (_cfg.tls_keys.empty()) {
+      log::warning("tls_keys", log::Outcome::fail, {{"reason", "SIGHUP, but no keys file is configured (--tls-keys)"}});
+      return;
+    }
+    auto keys = publish_keys();
+    if (!keys) {
+      log::error("tls_keys", log::Outcome::fail,
+                 {{"file", _cfg.tls_keys}, {"error", keys.error().message}, {"kept", "the keys in use"}});
+      return;
+    }
+    // Each worker loads the new keys itself and logs the outcome.
+    log::info("tls_keys_reload", log::Outcome::in_progress, {{"keys", keys->size()}, {"workers", live_workers()}});
+    for (const auto& w : _workers)
+      if (w.pid > 0) ::kill(w.pid, SIGHUP);
+  }
+
   int _inotify_fd = -1;
   pid_t _pid = 0;
   bool _stopping = false;
@@ -392,10 +426,7 @@ int Master::run() {
     }
     if (g_reload_keys != 0) {
       g_reload_keys = 0;
-      // Each worker reloads the keys file itself and logs the outcome.
-      log::info("tls_keys_reload", log::Outcome::in_progress, {{"workers", live_workers()}});
-      for (const auto& w : _workers)
-        if (w.pid > 0) ::kill(w.pid, SIGHUP);
+      reload_keys();
     }
     if (g_stop_signal != 0) begin_stop();
   });
@@ -403,13 +434,15 @@ int Master::run() {
   // Key material decides between TLS and plaintext for every worker; a bad
   // keys file stops the server here, before any worker serves in plaintext.
   if (!_cfg.tls_keys.empty()) {
-    auto keys = tls::KeyRing::load(_cfg.tls_keys);
+    auto keys = publish_keys();
     if (!keys) return fail("tls_keys", keys.error().message);
-    if (keys->empty()) return fail("tls_keys", _cfg.tls_keys + " holds no key; run lotteryctl keys init");
     // An agency without a key can never connect, and the draw waits for it.
     std::string missing;
     for (uint32_t a = 1; a <= _cfg.agencies; a++)
-      if (keys->find(a) == nullptr) missing += (missing.empty() ? "" : ",") + std::to_string(a);
+      if (keys->find(a) == nullptr) {
+        if (!missing.empty()) missing += ',';
+        missing += std::to_string(a);
+      }
     if (!missing.empty())
       log::warning("tls_keys", log::Outcome::fail,
                    {{"file", _cfg.tls_keys}, {"agencies_without_key", missing},

@@ -195,8 +195,9 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
   // With key material, a TLS layer sits between the reactor and the service:
   // the reactor moves ciphertext, the service sees the agency's plaintext.
   std::unique_ptr<tls::TlsLayer> tls_layer;
+  const std::string active_keys = cfg.data_dir + "/" + active_keys_file_name;
   if (!cfg.tls_keys.empty()) {
-    auto keys = tls::KeyRing::load(cfg.tls_keys);
+    auto keys = tls::KeyRing::load(active_keys);
     if (!keys) return fail(worker_id, "tls_keys", keys.error().message);
     auto layer = tls::TlsLayer::create(
         loop, reactor_options.max_connections, std::move(*keys),
@@ -227,11 +228,12 @@ int run_worker(const ServerConfig& cfg, unsigned worker_id, pid_t master_pid) {
                    {{"worker", worker_id}, {"reason", "SIGHUP, but no keys file is configured (--tls-keys)"}});
       return;
     }
-    // A bad file keeps the keys in use: a typo must not lock every agency out.
-    auto keys = tls::KeyRing::load(cfg.tls_keys);
+    // The master checked the file before publishing it; should the copy be
+    // unreadable anyway, the keys in use stay.
+    auto keys = tls::KeyRing::load(active_keys);
     if (!keys) {
       log::error("tls_keys", log::Outcome::fail,
-                 {{"worker", worker_id}, {"file", cfg.tls_keys}, {"error", keys.error().message},
+                 {{"worker", worker_id}, {"file", active_keys}, {"error", keys.error().message},
                   {"kept", tls_layer->key_count()}});
       return;
     }

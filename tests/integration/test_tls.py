@@ -280,14 +280,35 @@ def test_key_rotation_by_sighup(start_server, workdir, proxies):
     assert in_flight.request(lp.batch(2, 2, [GOOD_BET])).status == "ok"
     assert in_flight.request(lp.finished(3, 2)).status == "ok"
 
-    # A broken file on reload keeps the keys in use.
+    # A broken file on reload keeps the keys in use: the master refuses it
+    # (one line) and the workers are not asked to reload.
     with open(server_keys, "w") as f:
         f.write("2 not-a-key\n")
     os.kill(server.proc.pid, signal.SIGHUP)
-    assert wait_for(lambda: len([e for e in events(server.log(), "tls_keys") if e[2] == "fail"]) == 2)
+    assert wait_for(lambda: len([e for e in events(server.log(), "tls_keys") if e[2] == "fail"]) == 1)
     c = new.connect()
     assert c.request(lp.hello(1, 2, producer_id=44)).status == "ok"
     assert new.handshake() == "handshake ok"
+    # A worker restarted after a crash, with the broken file still in place,
+    # serves with the keys in use (the master's copy of the last good file).
+    workers = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[0]), signal.SIGKILL)
+    assert wait_for(lambda: len(events(server.log(), "worker_start")) >= 3), server.log()[-2000:]
+    assert wait_for(lambda: len(subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                                               text=True).stdout.split()) == 2)
+    time.sleep(0.5)  # the restarted worker's listener is up
+    # SO_REUSEPORT spreads connections over both workers: several of each
+    # kind reach the restarted one.
+    for i in range(8):
+        c = new.connect()
+        assert c.request(lp.hello(1, 2, producer_id=100 + i)).status == "ok", i
+        assert new.handshake() == "handshake ok"
+        c = old.connect()
+        with pytest.raises((ConnectionError, ConnectionResetError)):
+            c.request(lp.hello(1, 2))
+        assert old.handshake().startswith("handshake fail: refused")
+    assert not [e for e in events(server.log(), "worker_exit") if "killed" not in e[3].get("status", "")]
     assert server.stop() == 0
 
 
