@@ -9,12 +9,13 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "reactor/reactor.hpp"
+#include "tests/support/loop_driver.hpp"
+#include "tests/unit/test_support.hpp"
 #include "tls/failure_limiter.hpp"
 #include "tls/keys.hpp"
 #include "tls/layer.hpp"
@@ -88,17 +89,13 @@ class TlsLayerTest : public ::testing::TestWithParam<BackendKind> {
     for (int fd : _fds) ::close(fd);
   }
 
-  void step() {
-    _loop->add_timer(1, [this] { _loop->stop(); });
-    _loop->run();
-  }
+  void step() { testsupport::step(*_loop); }
 
   int connect() {
-    int fds[2];
-    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds), 0);
-    _loop->adopt(fds[0]);
-    _fds.push_back(fds[1]);
-    return fds[1];
+    int fd = testsupport::adopt_socketpair(*_loop);
+    EXPECT_GE(fd, 0);
+    _fds.push_back(fd);
+    return fd;
   }
 
   // Handshakes as `identity` with `key`; true when it completes.
@@ -282,9 +279,8 @@ TEST(KeyRing, ParsesTheFileFormatAndNamesTheBadLine) {
 }
 
 TEST(KeyDir, InitWritesPrivateFilesAndRotateChangesOneAgency) {
-  char tmpl[] = "/tmp/lottery-keys-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  std::string dir = std::string(tmpl) + "/keys";
+  testsupport::TempDir tmp;
+  std::string dir = tmp.path() + "/keys";
   ASSERT_TRUE(tls::init_key_dir(dir, 3, false).ok());
   struct stat st {};
   ASSERT_EQ(::stat(dir.c_str(), &st), 0);
@@ -310,7 +306,6 @@ TEST(KeyDir, InitWritesPrivateFilesAndRotateChangesOneAgency) {
   EXPECT_NE(*rotated->find(2), *server->find(2));
   EXPECT_EQ(*rotated->find(3), *server->find(3));
   EXPECT_EQ(tls::load_client_key(dir + "/agency-2.key")->key, *rotated->find(2));
-  std::filesystem::remove_all(tmpl);
 }
 
 }  // namespace
