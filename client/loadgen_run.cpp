@@ -276,35 +276,12 @@ common::Status Runner::load_tls_keys() {
 
 ssize_t Runner::read_some(Conn& c, std::byte* p, size_t n) {
   if (c.ssl == nullptr) return ::recv(c.fd, p, n, 0);
-  ERR_clear_error();
-  errno = 0;
-  int r = SSL_read(c.ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX)));
-  if (r > 0) return r;
-  int e = SSL_get_error(c.ssl, r);
-  if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-    errno = EAGAIN;
-    return -1;
-  }
-  if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0) ||
-      ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)
-    return 0;
-  if (errno == 0) errno = EPROTO;
-  return -1;
+  return tls::read_some(c.ssl, p, n);
 }
 
 ssize_t Runner::write_some(Conn& c, const std::byte* p, size_t n) {
   if (c.ssl == nullptr) return ::send(c.fd, p, n, MSG_NOSIGNAL);
-  ERR_clear_error();
-  errno = 0;
-  int r = SSL_write(c.ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX)));
-  if (r > 0) return r;
-  int e = SSL_get_error(c.ssl, r);
-  if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-    errno = EAGAIN;
-    return -1;
-  }
-  if (errno == 0) errno = EPROTO;
-  return -1;
+  return tls::write_some(c.ssl, p, n);
 }
 
 common::Status Runner::connect_all() {

@@ -104,45 +104,14 @@ bool settled(const AgencySession& session) {
 // What the last SSL_read/SSL_write wants before it can go on.
 short g_tls_wants = 0;
 
-// TLS reads and writes, with recv/send's conventions: > 0 bytes, 0 the peer
-// closed, -1 with errno (EAGAIN when OpenSSL waits for the socket).
-ssize_t tls_io(SSL* ssl, int r) {
-  if (r > 0) return r;
-  switch (SSL_get_error(ssl, r)) {
-    case SSL_ERROR_WANT_READ:
-      g_tls_wants = POLLIN;
-      errno = EAGAIN;
-      return -1;
-    case SSL_ERROR_WANT_WRITE:
-      g_tls_wants = POLLOUT;
-      errno = EAGAIN;
-      return -1;
-    case SSL_ERROR_ZERO_RETURN:
-      return 0;  // close_notify
-    case SSL_ERROR_SYSCALL:
-      if (errno == 0) return 0;  // EOF without close_notify
-      return -1;
-    default:
-      if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
-        ERR_clear_error();
-        return 0;  // EOF without close_notify (OpenSSL 3 calls it an error)
-      }
-      ERR_clear_error();
-      errno = EPROTO;
-      return -1;
-  }
-}
-
 ssize_t recv_some(int fd, SSL* ssl, std::byte* p, size_t n) {
   if (ssl == nullptr) return ::recv(fd, p, n, MSG_DONTWAIT);
-  errno = 0;
-  return tls_io(ssl, SSL_read(ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX))));
+  return tls::read_some(ssl, p, n, &g_tls_wants);
 }
 
 ssize_t send_some(int fd, SSL* ssl, const std::byte* p, size_t n) {
   if (ssl == nullptr) return ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-  errno = 0;
-  return tls_io(ssl, SSL_write(ssl, p, static_cast<int>(std::min<size_t>(n, INT32_MAX))));
+  return tls::write_some(ssl, p, n, &g_tls_wants);
 }
 
 common::Status receive_available(int fd, AgencySession& session, SSL* ssl) {

@@ -2,7 +2,11 @@
 
 #include <openssl/err.h>
 
+#include <poll.h>
+
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 
 #include "common/assert.hpp"
 
@@ -114,6 +118,51 @@ common::Result<SslPtr> make_client_ssl(SSL_CTX* ctx, const ClientKey* key) {
   SSL_set_psk_use_session_callback(ssl.get(), use_psk_session);
   SSL_set_connect_state(ssl.get());
   return ssl;
+}
+
+namespace {
+
+ssize_t io_result(SSL* ssl, int r, short* wants) {
+  if (r > 0) return r;
+  switch (SSL_get_error(ssl, r)) {
+    case SSL_ERROR_WANT_READ:
+      if (wants != nullptr) *wants = POLLIN;
+      errno = EAGAIN;
+      return -1;
+    case SSL_ERROR_WANT_WRITE:
+      if (wants != nullptr) *wants = POLLOUT;
+      errno = EAGAIN;
+      return -1;
+    case SSL_ERROR_ZERO_RETURN:
+      return 0;  // close_notify
+    case SSL_ERROR_SYSCALL:
+      if (errno == 0) return 0;  // EOF without close_notify
+      return -1;
+    default:
+      if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        ERR_clear_error();
+        return 0;  // EOF without close_notify (OpenSSL 3 calls it an error)
+      }
+      ERR_clear_error();
+      errno = EPROTO;
+      return -1;
+  }
+}
+
+int clamp(size_t n) { return static_cast<int>(std::min<size_t>(n, INT32_MAX)); }
+
+}  // namespace
+
+ssize_t read_some(SSL* ssl, void* p, size_t n, short* wants) {
+  ERR_clear_error();
+  errno = 0;
+  return io_result(ssl, SSL_read(ssl, p, clamp(n)), wants);
+}
+
+ssize_t write_some(SSL* ssl, const void* p, size_t n, short* wants) {
+  ERR_clear_error();
+  errno = 0;
+  return io_result(ssl, SSL_write(ssl, p, clamp(n)), wants);
 }
 
 }  // namespace tls

@@ -54,4 +54,13 @@ common::Result<SslPtr> make_client_ssl(SSL_CTX* ctx, const ClientKey* key);
 // OpenSSL's error queue, drained, as one line without '|' ("" when empty).
 std::string drain_errors();
 
+// SSL_read / SSL_write over a non-blocking socket, with recv/send's
+// conventions, for the client side (agency client, load generator): > 0
+// bytes; 0 the peer closed (close_notify, or a bare EOF, which OpenSSL 3
+// reports as an error); -1 with errno: EAGAIN while OpenSSL waits for the
+// socket (`wants`, when given, gets POLLIN or POLLOUT), the socket's errno
+// for a system-call failure, EPROTO for a TLS failure.
+ssize_t read_some(SSL* ssl, void* p, size_t n, short* wants = nullptr);
+ssize_t write_some(SSL* ssl, const void* p, size_t n, short* wants = nullptr);
+
 }  // namespace tls
